@@ -1,0 +1,126 @@
+"""Reading a cache from Python: ``open_cache`` and a torch ``IterableDataset``.
+
+Example::
+
+    import pipeline
+    cache = pipeline.open_cache("caches/run1")
+    print(cache.manifest.k, len(cache))
+    for row in cache:
+        row.input_ids       # (T,) int64
+        row.topk_ids        # (T, k) int64, most probable first
+        row.topk_logprobs   # (T, k) float32, natural log, temperature 1
+        row.tail_logmass    # (T,) float32, -inf where nothing is left out
+
+Position ``t`` holds the teacher's distribution over token ``t + 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.codec import SparseRow
+from pipeline.shards import Manifest, ShardEntry, iter_shard_rows, read_manifest
+
+
+class Cache:
+    """A validated cache folder. Iterating yields :class:`~pipeline.codec.SparseRow` in order.
+
+    Shards are read one at a time (memory stays bounded by one record batch) and each is
+    checked against its sha256 in the manifest before its first row is returned, unless
+    ``verify=False``.
+    """
+
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.verify = verify
+        self.manifest: Manifest = read_manifest(self.path)
+
+    def __len__(self) -> int:
+        return self.manifest.sequences
+
+    def __iter__(self) -> Iterator[SparseRow]:
+        for entry in self.manifest.shards:
+            for _, row in self.shard_rows(entry):
+                yield row
+
+    def shard_rows(self, entry: ShardEntry) -> Iterator[tuple[int, SparseRow]]:
+        """``(seq_index, row)`` pairs of one shard."""
+        return iter_shard_rows(self.path, entry, self.manifest, verify=self.verify)
+
+    def shuffled_rows(self, seed: int, epoch: int = 0, shard_subset: list[int] | None = None) -> Iterator[SparseRow]:
+        """Rows in a seeded order: shards in a random order, rows shuffled within each shard.
+
+        Memory holds one shard's rows at a time. The order depends only on ``(seed, epoch)``.
+        """
+        generator = np.random.default_rng([seed, epoch])
+        shard_order = generator.permutation(len(self.manifest.shards))
+        for shard_index in shard_order:
+            if shard_subset is not None and int(shard_index) not in shard_subset:
+                continue
+            entry = self.manifest.shards[int(shard_index)]
+            rows = [row for _, row in self.shard_rows(entry)]
+            for row_index in generator.permutation(len(rows)):
+                yield rows[int(row_index)]
+
+
+def open_cache(path: str | Path, verify: bool = True) -> Cache:
+    """Open a cache folder; raises :class:`~pipeline.errors.CacheError` if it is incomplete or malformed."""
+    return Cache(path, verify=verify)
+
+
+def row_tensors(row: SparseRow) -> dict[str, torch.Tensor]:
+    """A row as torch tensors with the same names, shapes and dtypes."""
+    return {
+        "input_ids": torch.from_numpy(row.input_ids),
+        "topk_ids": torch.from_numpy(row.topk_ids),
+        "topk_logprobs": torch.from_numpy(row.topk_logprobs),
+        "tail_logmass": torch.from_numpy(row.tail_logmass),
+    }
+
+
+ROW_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass")
+
+
+def stack_rows(rows: list[SparseRow], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Stack rows into a batch: ``input_ids (B, T)``, ``topk_ids (B, T, k)``,
+    ``topk_logprobs (B, T, k)``, ``tail_logmass (B, T)``, on ``device``."""
+    return {name: torch.from_numpy(np.stack([getattr(row, name) for row in rows])).to(device) for name in ROW_FIELDS}
+
+
+class CacheDataset(IterableDataset):
+    """A torch ``IterableDataset`` over a cache, for your own training loop.
+
+    Yields dicts of tensors: ``input_ids (T,) int64``, ``topk_ids (T, k) int64``,
+    ``topk_logprobs (T, k) float32``, ``tail_logmass (T,) float32``; a ``DataLoader``
+    stacks them into batches. With ``shuffle=True`` the order is seeded by
+    ``(seed, epoch)``: call :meth:`set_epoch` between epochs. With several DataLoader
+    workers each takes a disjoint set of shards.
+    """
+
+    def __init__(self, path: str | Path, shuffle: bool = True, seed: int = 0, verify: bool = True) -> None:
+        super().__init__()
+        self.cache = open_cache(path, verify=verify)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        n_shards = len(self.cache.manifest.shards)
+        subset = list(range(n_shards))
+        if worker is not None:
+            subset = subset[worker.id :: worker.num_workers]
+        if self.shuffle:
+            rows = self.cache.shuffled_rows(self.seed, self.epoch, shard_subset=subset)
+        else:
+            rows = (row for index in subset for _, row in self.cache.shard_rows(self.cache.manifest.shards[index]))
+        for row in rows:
+            yield row_tensors(row)

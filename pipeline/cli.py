@@ -1,0 +1,149 @@
+"""The ``distill`` command line: options -> config dataclasses -> the passes. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from pipeline.config import DEFAULT_SEQ_LEN, DEFAULT_SHARD_TOKENS, DEFAULT_TOP_K, StudentTrainConfig, TeacherCacheConfig
+from pipeline.errors import DistillError
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the project's errors into one line on stderr and exit status 1."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DistillError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
+def main(verbose: bool) -> None:
+    """Offline knowledge distillation: cache a teacher's top-k next-token distributions once,
+    then train any number of students from the cache."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+@main.command("teacher-cache")
+@click.option("--teacher", required=True, help="Hub id, local model folder, or .gguf file.")
+@click.option("--dataset", required=True, help="Hub dataset id, or a local file/folder (.txt .jsonl .json .parquet .arrow).")
+@click.option("--dataset-config", default=None, help="Hub dataset configuration name.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--text-column", default="text", show_default=True)
+@click.option(
+    "--txt-sample-by",
+    type=click.Choice(["document", "paragraph", "line"]),
+    default="document",
+    show_default=True,
+    help="How .txt files split into documents: whole file, blank-line paragraphs, or lines.",
+)
+@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
+@click.option("--max-tokens", type=int, default=None, help="Stop after this many packed tokens.")
+@click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="Next-token ids kept per position.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Teacher dtype [bf16 on CUDA, else fp32].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per teacher forward.")
+@click.option("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True, help="Tokens per shard file.")
+@click.option("--out", required=True, help="Cache folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out.")
+@_one_line_errors
+def teacher_cache(**options: Any) -> None:
+    """Stream a dataset through the teacher once and write its top-k distributions to a cache."""
+    from pipeline.teacher import run_teacher_cache
+
+    summary = run_teacher_cache(TeacherCacheConfig(**options))
+    click.echo(
+        f"cache {summary.path}: {summary.tokens:,} tokens in {summary.sequences:,} sequences, "
+        f"{summary.shards} shard(s), {summary.bytes:,} bytes ({summary.bytes_per_token:.1f} bytes/token), "
+        f"{summary.seconds:.1f} s ({summary.tokens_per_second:,.0f} tokens/s)"
+    )
+
+
+@main.command("student-train")
+@click.option("--cache", required=True, help="Cache folder written by teacher-cache.")
+@click.option("--student", required=True, help="Hub id, folder with weights, or folder/file with a config only (fresh model).")
+@click.option("--student-config", multiple=True, metavar="KEY=VALUE", help="Override a field of a config-built student (repeatable).")
+@click.option("--tokenizer", default=None, help="Tokenizer to save with the student [the student's own, else the cache's copy].")
+@click.option("--out", required=True, help="Folder for checkpoints, metrics and the final model.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the KD term; 1 - alpha weighs cross-entropy.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps [5% of the run].")
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0 disables).")
+@click.option("--epochs", type=float, default=None, help="Passes over the cache [1].")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (instead of --epochs).")
+@click.option("--eval-cache", default=None, help="Held-out cache: report KL to the teacher, cross-entropy and perplexity.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: only the final model).")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
+@click.option("--head-chunk", type=int, default=0, help="Positions per LM-head chunk [about 128 MiB of logits].")
+@click.option("--no-verify", "verify", is_flag=True, flag_value=False, default=True, help="Skip shard checksums (faster, trusts the files).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@_one_line_errors
+def student_train(student_config: tuple[str, ...], **options: Any) -> None:
+    """Train a student from a cache, without loading the teacher."""
+    from pipeline.student import run_student_train
+
+    summary = run_student_train(StudentTrainConfig(student_config=tuple(student_config), **options))
+    click.echo(
+        f"student {summary.out}: {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.1f} s, "
+        f"final loss {summary.final_loss:.4f} (built from {summary.student_origin})"
+    )
+    if summary.eval:
+        click.echo(
+            f"held-out: KL(teacher||student) {summary.eval['kl']:.4f} nats/token, "
+            f"cross-entropy {summary.eval['ce']:.4f}, perplexity {summary.eval['perplexity']:.2f}"
+        )
+
+
+@main.command("inspect")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+@_one_line_errors
+def inspect_cache(cache: str, as_json: bool) -> None:
+    """Summarise a cache: size, settings, teacher, and the mean captured probability mass."""
+    from pipeline.report import cache_report
+
+    report = cache_report(cache)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    for key in ("path", "teacher", "dataset", "tokens", "sequences", "seq_len", "shards", "k", "logit_width",
+                "bytes", "bytes_per_token", "mean_captured_mass"):
+        value = report[key]
+        text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+        click.echo(f"{key:>20}: {text}")
+
+
+@main.command("verify")
+@click.argument("cache")
+@_one_line_errors
+def verify_cache(cache: str) -> None:
+    """Re-hash every shard and check it against the manifest; exit 1 naming each bad shard."""
+    from pipeline.report import verify_report
+
+    problems, checked = verify_report(cache)
+    for problem in problems:
+        click.echo(f"BAD {problem}", err=True)
+    if problems:
+        click.echo(f"error: {len(problems)} problem(s) in {cache}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {checked} shard(s) match the manifest")

@@ -1,0 +1,122 @@
+"""Settings of each pass, as frozen dataclasses validated on construction.
+
+Error messages name the command-line flag, since that is where users set them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pipeline.errors import ConfigError
+
+DEFAULT_TOP_K = 64
+DEFAULT_SEQ_LEN = 512
+DEFAULT_SHARD_TOKENS = 1 << 18
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    """``distill teacher-cache``."""
+
+    teacher: str
+    dataset: str
+    out: str
+    dataset_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    txt_sample_by: Literal["document", "paragraph", "line"] = "document"
+    seq_len: int = DEFAULT_SEQ_LEN
+    max_tokens: int | None = None
+    top_k: int = DEFAULT_TOP_K
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"--seq-len {self.seq_len} is too small; use at least 2")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k {self.top_k} must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ConfigError(
+                f"--max-tokens {self.max_tokens} is less than one sequence (--seq-len {self.seq_len}); raise it"
+            )
+        if self.shard_tokens < 1:
+            raise ConfigError(f"--shard-tokens {self.shard_tokens} must be at least 1")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device} is not one of auto, cpu, cuda, cuda:N, mps")
+
+    @property
+    def max_sequences(self) -> int | None:
+        return None if self.max_tokens is None else self.max_tokens // self.seq_len
+
+    @property
+    def rows_per_shard(self) -> int:
+        return max(1, self.shard_tokens // self.seq_len)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StudentTrainConfig:
+    """``distill student-train``."""
+
+    cache: str
+    student: str
+    out: str
+    student_config: tuple[str, ...] = field(default_factory=tuple)
+    tokenizer: str | None = None
+    alpha: float = 0.5
+    temperature: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None
+    max_grad_norm: float = 1.0
+    epochs: float | None = None
+    max_steps: int | None = None
+    eval_cache: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 0
+    log_every: int = 10
+    head_chunk: int = 0
+    verify: bool = True
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha {self.alpha} must lie in [0, 1]")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature {self.temperature} must be positive")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("--batch-size and --grad-accum must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be positive")
+        if self.epochs is not None and self.max_steps is not None:
+            raise ConfigError("give either --epochs or --max-steps, not both")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"--epochs {self.epochs} must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps {self.max_steps} must be at least 1")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError("--warmup-steps must be at least 0")
+        if self.max_grad_norm < 0:
+            raise ConfigError("--max-grad-norm must be at least 0 (0 disables clipping)")
+        if self.save_every < 0 or self.log_every < 1:
+            raise ConfigError("--save-every must be >= 0 and --log-every >= 1")
+        if self.overwrite and self.resume:
+            raise ConfigError("--overwrite and --resume contradict each other; pick one")
+
+    def to_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["student_config"] = list(self.student_config)
+        return values

@@ -1,0 +1,328 @@
+"""Loading teachers, students and tokenizers, and running an LM head over chunks.
+
+A *source* is a Hub id, a local folder, or a local ``.gguf`` file. Local paths are tried
+first; anything else is handed to ``from_pretrained`` as a Hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, SourceNotFoundError, TeacherError
+from pipeline.fingerprint import config_fingerprint, files_fingerprint, sha256_file
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+# Output transforms that some architectures apply after the LM head, as config fields.
+SOFTCAP_FIELDS = ("final_logit_softcapping",)
+MULTIPLY_FIELDS = ("logit_scale",)
+DIVIDE_FIELDS = ("logits_scaling",)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model or tokenizer comes from.
+
+    Attributes:
+        location: what ``from_pretrained`` receives (a folder or a Hub id).
+        gguf_file: file name inside ``location`` when the source is a GGUF file.
+        is_local: whether the source is on this machine.
+        display: a name without absolute paths, safe to put in a manifest.
+    """
+
+    location: str
+    gguf_file: str | None
+    is_local: bool
+    display: str
+
+
+def resolve_source(spec: str, role: str) -> Source:
+    """Interpret ``spec`` as a ``.gguf`` file, a local folder or a Hub id."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise SourceNotFoundError(
+                    f"{role} '{spec}' is a file but not a .gguf; give a model folder, a .gguf file or a Hub id"
+                )
+            return Source(str(path.parent), path.name, True, path.name)
+        return Source(str(path), None, True, path.resolve().name)
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_local:
+        raise SourceNotFoundError(f"{role} path '{spec}' does not exist; check the path")
+    return Source(spec, None, False, spec)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks cuda, else mps, else cpu."""
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device auto")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The dtype asked for, else bf16 on CUDA and fp32 elsewhere.
+
+    fp32 on CPU on purpose: bf16 matrix products there fall back to a slow kernel.
+    """
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def _load_error(role: str, source: Source, exc: Exception) -> SourceNotFoundError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = "local" if source.is_local else "Hub"
+    return SourceNotFoundError(
+        f"cannot load {role} from {where} source '{source.display}' ({first_line[:200]}); "
+        "check the path or Hub id, and network access for Hub ids"
+    )
+
+
+def load_tokenizer(spec: str | Source, role: str = "tokenizer") -> Any:
+    """A transformers tokenizer from a folder, a ``.gguf`` file or a Hub id."""
+    from transformers import AutoTokenizer
+
+    source = spec if isinstance(spec, Source) else resolve_source(spec, role)
+    kwargs: dict[str, Any] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _load_error(f"{role} tokenizer", source, exc) from None
+
+
+def load_config(source: Source, role: str) -> Any:
+    """The model config, without loading weights."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _load_error(f"{role} config", source, exc) from None
+
+
+def logit_width(config: Any) -> int:
+    """Number of logits the model produces per position (what ids index)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = getattr(text_config, "vocab_size", None)
+    if not isinstance(width, int) or width <= 0:
+        raise ConfigError("the model config has no vocab_size; cannot tell the logit width")
+    return width
+
+
+def max_positions(config: Any) -> int | None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def load_teacher(source: Source, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The teacher in eval mode on ``device`` (``device_map="auto"`` on CUDA when accelerate is present)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    use_device_map = device.type == "cuda" and _has_accelerate()
+    if use_device_map:
+        # Spreads a teacher larger than one GPU over all visible GPUs (and CPU if needed).
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _load_error("teacher", source, exc) from None
+    if not use_device_map:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def _has_accelerate() -> bool:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def teacher_identity(source: Source, model: nn.Module) -> dict[str, Any]:
+    """The teacher's identity: Hub commit where it came from the Hub, else a hash of its weight files."""
+    config = model.config
+    identity: dict[str, Any] = {
+        "source": source.display,
+        "model_type": getattr(config, "model_type", None),
+        "config_sha256": config_fingerprint(config),
+    }
+    if source.gguf_file:
+        identity["weights_sha256"] = sha256_file(Path(source.location) / source.gguf_file)
+        identity["revision"] = None
+    elif source.is_local:
+        weights = [p for p in sorted(Path(source.location).iterdir()) if p.suffix in WEIGHT_SUFFIXES]
+        identity["weights_sha256"] = files_fingerprint(weights)
+        identity["revision"] = None
+    else:
+        commit = getattr(config, "_commit_hash", None)
+        if not commit:
+            raise TeacherError(f"cannot tell which Hub commit of '{source.display}' was loaded; pin it with a local copy")
+        identity["revision"] = commit
+        identity["weights_sha256"] = None
+    return identity
+
+
+def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``["hidden_size=128", "tie_word_embeddings=true"]`` -> dict, values parsed as JSON where they parse."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--student-config '{pair}' is not key=value; write e.g. hidden_size=128")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def has_weights(folder: Path) -> bool:
+    return any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir())
+
+
+def load_student(spec: str, overrides: dict[str, Any], device: torch.device) -> tuple[nn.Module, str]:
+    """The student in fp32 on ``device``, and how it was made (``pretrained`` or ``config``).
+
+    A folder (or a ``config.json`` file) without weights builds a fresh model from its
+    config with ``overrides`` applied; a folder with weights or a Hub id loads them (and
+    then refuses overrides, which would not match the weights).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent if path.name == "config.json" else path
+    from_config = path.exists() and (path.is_file() or not has_weights(path))
+    if from_config:
+        try:
+            if path.is_file():
+                config = AutoConfig.from_pretrained(str(path.parent), **{"config_file_name": path.name})
+            else:
+                config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SourceNotFoundError(f"cannot read a model config from '{spec}' ({exc}); give a folder with config.json") from None
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise ConfigError(f"--student-config {key}=...: the {config.model_type} config has no field '{key}'")
+            setattr(config, key, value)
+        # The config's own dtype (often bf16) would make CPU training crawl: choose fp32.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        how = "config"
+    else:
+        if overrides:
+            raise ConfigError("--student-config only applies to a student built from a config, not to pretrained weights")
+        source = resolve_source(spec, "student")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _load_error("student", source, exc) from None
+        how = "pretrained"
+    model.to(device)
+    return model, how
+
+
+class LMHead:
+    """The model's backbone and LM head, run separately so logits exist a chunk at a time.
+
+    ``hidden_states(input_ids)`` -> ``(B, T, H)``; ``logits(hidden)`` applies the output
+    embedding and the architecture's output transform (soft-capping, scaling) to
+    ``(N, H)`` hidden states and returns ``(N, V)`` logits. :meth:`check_parity` compares
+    the pair with the model's own forward once, so an architecture whose head does
+    something else is refused instead of captured wrongly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.backbone = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        if self.backbone is model or self.head is None:
+            raise TeacherError(
+                f"cannot separate the backbone and LM head of {type(model).__name__}; "
+                "use a causal LM with get_decoder() and get_output_embeddings()"
+            )
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = _first_number(config, SOFTCAP_FIELDS)
+        self.multiply = _first_number(config, MULTIPLY_FIELDS)
+        self.divide = _first_number(config, DIVIDE_FIELDS)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` int64 ids -> ``(B, T, H)`` final hidden states (after the last norm)."""
+        return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., H)`` hidden states -> ``(..., V)`` logits, as the model's forward computes them."""
+        logits = self.head(hidden.to(self.head.weight.device))
+        if self.multiply is not None:
+            logits = logits * self.multiply
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.no_grad()
+    def check_parity(self, input_ids: torch.Tensor) -> float:
+        """Compare chunked logits with ``model(input_ids).logits`` on a short ``(1, n)`` sample.
+
+        Returns the largest absolute difference; raises :class:`TeacherError` if it exceeds
+        what the dtype's rounding explains.
+        """
+        reference = self.model(input_ids=input_ids, use_cache=False).logits.float()
+        ours = self.logits(self.hidden_states(input_ids)).float()
+        difference = (reference - ours.to(reference.device)).abs().max().item()
+        scale = reference.abs().max().item() + 1.0
+        tolerance = 1e-4 if self.head.weight.dtype == torch.float32 else 2e-2
+        if not difference <= tolerance * scale:
+            raise TeacherError(
+                f"{type(self.model).__name__}: logits from the separated head differ from the model's "
+                f"forward by {difference:.3g}; this architecture transforms its logits in a way the "
+                "teacher pass does not reproduce"
+            )
+        return difference
+
+
+def _first_number(config: Any, fields: tuple[str, ...]) -> float | None:
+    for field in fields:
+        value = getattr(config, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1.0):
+            return float(value)
+    return None
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' advisory warnings out of the progress output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass

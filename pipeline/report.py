@@ -1,0 +1,58 @@
+"""Read-only reports on a cache: ``inspect`` and ``verify``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import open_cache
+from pipeline.errors import CacheError
+from pipeline.fingerprint import sha256_file
+from pipeline.shards import TOKENIZER_DIR, check_shard, read_manifest
+
+
+def cache_report(path: str | Path) -> dict[str, Any]:
+    """Totals and settings from the manifest, plus the mean captured mass over every position."""
+    cache = open_cache(path)
+    manifest = cache.manifest
+    captured_sum, positions = 0.0, 0
+    for row in cache:
+        captured_sum += float(np.exp(row.topk_logprobs.astype(np.float64)).sum())
+        positions += row.topk_logprobs.shape[0]
+    raw = manifest.raw
+    return {
+        "path": str(path),
+        "teacher": raw.get("teacher", {}).get("source"),
+        "dataset": raw.get("dataset", {}).get("source"),
+        "tokens": manifest.tokens,
+        "sequences": manifest.sequences,
+        "seq_len": manifest.seq_len,
+        "shards": len(manifest.shards),
+        "k": manifest.k,
+        "logit_width": manifest.logit_width,
+        "bytes": manifest.bytes,
+        "bytes_per_token": manifest.bytes / manifest.tokens,
+        "mean_captured_mass": captured_sum / max(positions, 1),
+    }
+
+
+def verify_report(path: str | Path) -> tuple[list[str], int]:
+    """Every problem found (shards and tokenizer files), and how many shards were checked."""
+    cache_dir = Path(path)
+    manifest = read_manifest(cache_dir)
+    problems = []
+    for entry in manifest.shards:
+        try:
+            check_shard(cache_dir, entry)
+        except CacheError as exc:
+            problems.append(str(exc))
+    for item in manifest.raw.get("tokenizer", {}).get("files", []):
+        name = Path(str(item.get("name", ""))).name
+        file = cache_dir / TOKENIZER_DIR / name
+        if not file.is_file():
+            problems.append(f"tokenizer file '{name}' is missing")
+        elif sha256_file(file) != item.get("sha256"):
+            problems.append(f"tokenizer file '{name}' fails its checksum")
+    return problems, len(manifest.shards)

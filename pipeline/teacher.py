@@ -1,0 +1,266 @@
+"""The teacher pass: dataset -> packed sequences -> teacher forward -> top-k -> shards -> manifest.
+
+The loop reads top to bottom: batch, forward (backbone once, LM head a chunk of
+positions at a time so full-vocabulary logits never exist for the whole batch and never
+leave the device), capture, encode, write. The manifest is written last.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import codec, models, shards
+from pipeline.capture import capture_topk
+from pipeline.config import TeacherCacheConfig
+from pipeline.data import open_text_stream, pack_sequences, tokenize_documents
+from pipeline.errors import ConfigError, DatasetError, OutputExistsError
+from pipeline.fingerprint import TokenStreamHasher, sha256_file, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+# Upper bound on logits held at once: positions per head chunk = this // vocab.
+HEAD_CHUNK_ELEMENTS = 1 << 27
+CACHE_ENTRIES = ("manifest.json", "run.json", "tokenizer")
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What a teacher pass wrote."""
+
+    path: str
+    sequences: int
+    tokens: int
+    shards: int
+    bytes: int
+    seconds: float
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _is_cache_entry(path: Path) -> bool:
+    return path.name in CACHE_ENTRIES or path.name.startswith(("shard-", ".shard-", ".manifest", ".run"))
+
+
+def prepare_output(out: Path, overwrite: bool) -> bool:
+    """Make ``out`` an empty folder; return whether this call created it.
+
+    A non-empty folder is refused unless ``overwrite``, and even then only when it holds
+    nothing but cache files, so a mistyped path cannot wipe unrelated work.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"--out '{out}' is not empty; pass --overwrite to replace the cache there")
+        strangers = [p.name for p in out.iterdir() if not _is_cache_entry(p)]
+        if strangers:
+            raise OutputExistsError(
+                f"--out '{out}' holds files that are not part of a cache ({', '.join(sorted(strangers)[:3])}); "
+                "--overwrite only replaces a cache: choose another folder"
+            )
+        for entry in out.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return False
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _batched(sequences: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    while batch := list(itertools.islice(sequences, batch_size)):
+        yield np.stack(batch)
+
+
+@torch.inference_mode()
+def capture_batch(head: models.LMHead, input_ids: torch.Tensor, k: int, chunk_positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher forward on ``(B, T)`` ids; returns numpy ``topk_ids (B, T, k)``, ``topk_logprobs (B, T, k)``, ``tail_logmass (B, T)``."""
+    batch, seq_len = input_ids.shape
+    hidden = head.hidden_states(input_ids).reshape(batch * seq_len, -1)
+    ids_parts, logprob_parts, tail_parts = [], [], []
+    for start in range(0, hidden.shape[0], chunk_positions):
+        logits = head.logits(hidden[start : start + chunk_positions])
+        topk_ids, topk_logprobs, tail_logmass = capture_topk(logits, k)
+        ids_parts.append(topk_ids.cpu())
+        logprob_parts.append(topk_logprobs.cpu())
+        tail_parts.append(tail_logmass.cpu())
+    return (
+        torch.cat(ids_parts).reshape(batch, seq_len, k).numpy(),
+        torch.cat(logprob_parts).reshape(batch, seq_len, k).numpy(),
+        torch.cat(tail_parts).reshape(batch, seq_len).numpy(),
+    )
+
+
+def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
+    staging = cache_dir / ".tokenizer.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(str(staging))
+    files = sorted(p for p in staging.iterdir() if p.is_file())
+    listing = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
+    staging.rename(cache_dir / shards.TOKENIZER_DIR)
+    shards.fsync_dir(cache_dir)
+    return listing
+
+
+def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSummary:
+    """Run the teacher pass described by ``cfg``; return what was written."""
+    started = time.time()
+    models.quiet_transformers()
+    out = Path(cfg.out)
+    teacher_source = models.resolve_source(cfg.teacher, "teacher")
+    tokenizer = models.load_tokenizer(teacher_source, "teacher")
+    config = models.load_config(teacher_source, "teacher")
+    width = models.logit_width(config)
+    if cfg.top_k > width:
+        raise ConfigError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({width} logits); lower it")
+    limit = models.max_positions(config)
+    if limit is not None and cfg.seq_len > limit:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} positions; lower it")
+    stream = open_text_stream(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.txt_sample_by)
+    created = prepare_output(out, cfg.overwrite)
+
+    writer = shards.ShardWriter(out, cfg.rows_per_shard)
+    try:
+        device = models.pick_device(cfg.device)
+        dtype = models.pick_dtype(cfg.dtype, device)
+        model = models.load_teacher(teacher_source, dtype, device)
+        head = models.LMHead(model)
+        input_device = model.get_input_embeddings().weight.device
+        chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
+        hasher = TokenStreamHasher()
+        sequences = pack_sequences(tokenize_documents(stream.documents, tokenizer), cfg.seq_len, cfg.max_sequences)
+        bar = tqdm(
+            total=cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None,
+            unit="tok",
+            unit_scale=True,
+            desc="teacher pass",
+            disable=None if progress else True,
+            mininterval=1.0,
+        )
+        seq_index = 0
+        for batch in _batched(sequences, cfg.batch_size):
+            input_ids = torch.from_numpy(batch).to(input_device)
+            if seq_index == 0:
+                head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
+            topk_ids, topk_logprobs, tail_logmass = capture_batch(head, input_ids, cfg.top_k, chunk_positions)
+            for row in range(batch.shape[0]):
+                hasher.update(batch[row])
+                frames = codec.encode_row(
+                    codec.SparseRow(batch[row], topk_ids[row], topk_logprobs[row], tail_logmass[row])
+                )
+                writer.add(seq_index, frames, cfg.seq_len)
+                seq_index += 1
+            bar.update(batch.size)
+        bar.close()
+        committed = writer.close()
+        if not committed:
+            raise DatasetError(
+                f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence; "
+                "add data or lower --seq-len"
+            )
+        tokenizer_files = _save_tokenizer(tokenizer, out)
+        manifest = _manifest(cfg, stream.display, teacher_source, model, tokenizer, width, hasher, committed, tokenizer_files)
+        shards.write_manifest(out, manifest)
+    except BaseException:
+        writer.abort()
+        if created and not writer.shards:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    seconds = time.time() - started
+    summary = CacheSummary(
+        path=str(out),
+        sequences=manifest["totals"]["sequences"],
+        tokens=manifest["totals"]["tokens"],
+        shards=len(committed),
+        bytes=manifest["totals"]["bytes"],
+        seconds=seconds,
+    )
+    shards.write_run_log(
+        out,
+        {
+            "command": "teacher-cache",
+            "argv": sys.argv,
+            "config": cfg.to_json(),
+            "host": platform.node(),
+            "device": str(device),
+            "dtype": str(dtype),
+            "started_unix": started,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(summary.tokens_per_second, 2),
+        },
+    )
+    return summary
+
+
+def _manifest(
+    cfg: TeacherCacheConfig,
+    dataset_display: str,
+    teacher_source: models.Source,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    width: int,
+    hasher: TokenStreamHasher,
+    committed: list[shards.ShardEntry],
+    tokenizer_files: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything a reader needs, and nothing that varies between identical runs."""
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        next(model.parameters()).dtype, str(next(model.parameters()).dtype)
+    )
+    return {
+        "format": shards.FORMAT_NAME,
+        "format_version": shards.FORMAT_VERSION,
+        "codec": {"name": codec.CODEC_NAME, "version": codec.CODEC_VERSION, "columns": codec.COLUMN_DTYPES},
+        "capture": {"strategy": "topk", "k": cfg.top_k, "logprob_temperature": 1.0, "log_base": "e"},
+        "position_convention": "row position t holds the teacher's distribution over token t+1",
+        "teacher": {**models.teacher_identity(teacher_source, model), "dtype": dtype_name},
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "length": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "files": tokenizer_files,
+        },
+        "logit_width": width,
+        "seq_len": cfg.seq_len,
+        "packing": {
+            "bos": "as the tokenizer adds by default",
+            "eos_after_document": tokenizer.eos_token_id is not None,
+            "cross_document_attention": True,
+            "trailing_partial_sequence": "dropped",
+            "txt_sample_by": cfg.txt_sample_by,
+        },
+        "dataset": {
+            "source": dataset_display,
+            "config": cfg.dataset_config,
+            "split": cfg.split,
+            "text_column": cfg.text_column,
+            "max_tokens": cfg.max_tokens,
+            "token_stream_sha256": hasher.hexdigest(),
+        },
+        "totals": {
+            "sequences": sum(s.rows for s in committed),
+            "tokens": sum(s.tokens for s in committed),
+            "shards": len(committed),
+            "bytes": sum(s.bytes for s in committed),
+        },
+        "shards": [s.to_json() for s in committed],
+    }
