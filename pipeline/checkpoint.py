@@ -85,7 +85,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     state = json.loads((folder / "state.json").read_text())
     missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
     if unexpected or _untied(model, missing):
-        raise ConfigError(f"checkpoint {folder.name} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"checkpoint {folder.name} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

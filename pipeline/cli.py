@@ -39,7 +39,9 @@ def main(verbose: bool) -> None:
 
 @main.command("teacher-cache")
 @click.option("--teacher", required=True, help="Hub id, local model folder, or .gguf file.")
-@click.option("--dataset", required=True, help="Hub dataset id, or a local file/folder (.txt .jsonl .json .parquet .arrow).")
+@click.option(
+    "--dataset", required=True, help="Hub dataset id, or a local file/folder (.txt .jsonl .json .parquet .arrow)."
+)
 @click.option("--dataset-config", default=None, help="Hub dataset configuration name.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--text-column", default="text", show_default=True)
@@ -53,10 +55,17 @@ def main(verbose: bool) -> None:
 @click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
 @click.option("--max-tokens", type=int, default=None, help="Stop after this many packed tokens.")
 @click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="Next-token ids kept per position.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Teacher dtype [bf16 on CUDA, else fp32].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Teacher dtype [bf16 on CUDA, else fp32].",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per teacher forward.")
-@click.option("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True, help="Tokens per shard file.")
+@click.option(
+    "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True, help="Tokens per shard file."
+)
 @click.option("--out", required=True, help="Cache folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out.")
 @_one_line_errors
@@ -74,12 +83,25 @@ def teacher_cache(**options: Any) -> None:
 
 @main.command("student-train")
 @click.option("--cache", required=True, help="Cache folder written by teacher-cache.")
-@click.option("--student", required=True, help="Hub id, folder with weights, or folder/file with a config only (fresh model).")
-@click.option("--student-config", multiple=True, metavar="KEY=VALUE", help="Override a field of a config-built student (repeatable).")
-@click.option("--tokenizer", default=None, help="Tokenizer to save with the student [the student's own, else the cache's copy].")
+@click.option(
+    "--student", required=True, help="Hub id, folder with weights, or folder/file with a config only (fresh model)."
+)
+@click.option(
+    "--student-config",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field of a config-built student (repeatable).",
+)
+@click.option(
+    "--tokenizer", default=None, help="Tokenizer to save with the student [the student's own, else the cache's copy]."
+)
 @click.option("--out", required=True, help="Folder for checkpoints, metrics and the final model.")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the KD term; 1 - alpha weighs cross-entropy.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2).")
+@click.option(
+    "--alpha", type=float, default=0.5, show_default=True, help="Weight of the KD term; 1 - alpha weighs cross-entropy."
+)
+@click.option(
+    "--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2)."
+)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
@@ -88,13 +110,24 @@ def teacher_cache(**options: Any) -> None:
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0 disables).")
 @click.option("--epochs", type=float, default=None, help="Passes over the cache [1].")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (instead of --epochs).")
-@click.option("--eval-cache", default=None, help="Held-out cache: report KL to the teacher, cross-entropy and perplexity.")
+@click.option(
+    "--eval-cache", default=None, help="Held-out cache: report KL to the teacher, cross-entropy and perplexity."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: only the final model).")
+@click.option(
+    "--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: only the final model)."
+)
 @click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
 @click.option("--head-chunk", type=int, default=0, help="Positions per LM-head chunk [about 128 MiB of logits].")
-@click.option("--no-verify", "verify", is_flag=True, flag_value=False, default=True, help="Skip shard checksums (faster, trusts the files).")
+@click.option(
+    "--no-verify",
+    "verify",
+    is_flag=True,
+    flag_value=False,
+    default=True,
+    help="Skip shard checksums (faster, trusts the files).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @_one_line_errors
@@ -126,8 +159,20 @@ def inspect_cache(cache: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return
-    for key in ("path", "teacher", "dataset", "tokens", "sequences", "seq_len", "shards", "k", "logit_width",
-                "bytes", "bytes_per_token", "mean_captured_mass"):
+    for key in (
+        "path",
+        "teacher",
+        "dataset",
+        "tokens",
+        "sequences",
+        "seq_len",
+        "shards",
+        "k",
+        "logit_width",
+        "bytes",
+        "bytes_per_token",
+        "mean_captured_mass",
+    ):
         value = report[key]
         text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
         click.echo(f"{key:>20}: {text}")

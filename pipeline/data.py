@@ -78,6 +78,8 @@ def open_text_stream(
                 f"use one of {', '.join(sorted(LOCAL_BUILDERS))}"
             )
         builder = builders.pop()
+        if all(p.stat().st_size == 0 for p in files):
+            raise DatasetError(f"dataset '{source}' is empty; point --dataset at data with text")
         kwargs: dict[str, Any] = {"data_files": {split: [str(p) for p in files]}, "split": split, "streaming": True}
         if builder == "text":
             # datasets' text loader yields one row per line unless told otherwise.
@@ -95,12 +97,7 @@ def open_text_stream(
         dataset = load_dataset(*load_args, **kwargs)
         records = iter(dataset)
         first = next(records, None)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise SourceNotFoundError(
-            f"cannot read dataset '{display}' split '{split}' ({message}); check the id, config, split or files"
-        ) from None
-    except Exception as exc:  # datasets raises its own hierarchy for missing splits and configs
+    except Exception as exc:  # datasets raises its own hierarchy for missing ids, configs and splits
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SourceNotFoundError(
             f"cannot read dataset '{display}' split '{split}' ({message}); check the id, config, split or files"
@@ -121,11 +118,15 @@ def _text_of(record: dict[str, Any], column: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise DatasetError(f"column '{column}' holds {type(value).__name__}, not text; pick a text column with --text-column")
+        raise DatasetError(
+            f"column '{column}' holds {type(value).__name__}, not text; pick a text column with --text-column"
+        )
     return value
 
 
-def tokenize_documents(documents: Iterable[str], tokenizer: Any, batch_size: int = TOKENIZE_BATCH) -> Iterator[list[int]]:
+def tokenize_documents(
+    documents: Iterable[str], tokenizer: Any, batch_size: int = TOKENIZE_BATCH
+) -> Iterator[list[int]]:
     """Token ids of each document as the tokenizer encodes it by default, then EOS (if it has one)."""
     eos = tokenizer.eos_token_id
     iterator = iter(documents)
@@ -138,7 +139,9 @@ def tokenize_documents(documents: Iterable[str], tokenizer: Any, batch_size: int
             yield list(ids) + ([eos] if eos is not None else [])
 
 
-def pack_sequences(token_lists: Iterable[list[int]], seq_len: int, max_sequences: int | None = None) -> Iterator[np.ndarray]:
+def pack_sequences(
+    token_lists: Iterable[list[int]], seq_len: int, max_sequences: int | None = None
+) -> Iterator[np.ndarray]:
     """Concatenate documents and cut the stream into ``(seq_len,)`` int64 sequences.
 
     The trailing partial sequence is dropped; at most ``max_sequences`` are produced.

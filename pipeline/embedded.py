@@ -128,16 +128,13 @@ def _import_package() -> ModuleType:
     done = subprocess.run(command, stdout=sys.stderr, check=False)
     if done.returncode != 0:
         raise SourceNotFoundError(
-            f"`{' '.join(command)}` failed with exit status {done.returncode}; "
-            "install the package by hand and re-run"
+            f"`{' '.join(command)}` failed with exit status {done.returncode}; install the package by hand and re-run"
         )
     importlib.invalidate_caches()
     try:
         return importlib.import_module(PACKAGE_MODULE)
     except ImportError as error:
-        raise SourceNotFoundError(
-            f"{PACKAGE_SPEC} was installed but cannot be imported: {error}"
-        ) from error
+        raise SourceNotFoundError(f"{PACKAGE_SPEC} was installed but cannot be imported: {error}") from error
 
 
 def _ensure_accelerate() -> None:
@@ -153,8 +150,7 @@ def _ensure_accelerate() -> None:
     importlib.invalidate_caches()
     if done.returncode != 0:
         raise SourceNotFoundError(
-            f"`{' '.join(command)}` failed with exit status {done.returncode}; "
-            "install accelerate by hand and re-run"
+            f"`{' '.join(command)}` failed with exit status {done.returncode}; install accelerate by hand and re-run"
         )
 
 
@@ -198,9 +194,7 @@ def _convert(package: ModuleType, build: Path) -> dict[str, Any]:
     _say("loading the GGUF tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name)
     _say("loading and dequantising the GGUF model (this takes a while and about 3 GB of RAM)")
-    quantised = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name, dtype=torch.float32)
     _say(f"loaded in {time.monotonic() - started:.0f} s; copying into a plain float32 model")
 
     # A model loaded from GGUF carries a quantizer and refuses save_pretrained, so the weights
@@ -249,9 +243,7 @@ def _convert(package: ModuleType, build: Path) -> dict[str, Any]:
         "dtype": "float32",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "files": {
-            path.name: path.stat().st_size for path in sorted(build.iterdir()) if path.is_file()
-        },
+        "files": {path.name: path.stat().st_size for path in sorted(build.iterdir()) if path.is_file()},
     }
 
 

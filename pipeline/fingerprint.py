@@ -47,9 +47,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         (int(index), str(token.content), bool(token.special))
         for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
     )
-    named = {
-        name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
-    }
+    named = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
     return sha256_json({"vocab": by_id, "added": added, "special_ids": named})
 
 

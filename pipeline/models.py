@@ -184,7 +184,9 @@ def teacher_identity(source: Source, model: nn.Module) -> dict[str, Any]:
     else:
         commit = getattr(config, "_commit_hash", None)
         if not commit:
-            raise TeacherError(f"cannot tell which Hub commit of '{source.display}' was loaded; pin it with a local copy")
+            raise TeacherError(
+                f"cannot tell which Hub commit of '{source.display}' was loaded; pin it with a local copy"
+            )
         identity["revision"] = commit
         identity["weights_sha256"] = None
     return identity
@@ -228,7 +230,9 @@ def load_student(spec: str, overrides: dict[str, Any], device: torch.device) -> 
             else:
                 config = AutoConfig.from_pretrained(str(path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SourceNotFoundError(f"cannot read a model config from '{spec}' ({exc}); give a folder with config.json") from None
+            raise SourceNotFoundError(
+                f"cannot read a model config from '{spec}' ({exc}); give a folder with config.json"
+            ) from None
         for key, value in overrides.items():
             if not hasattr(config, key):
                 raise ConfigError(f"--student-config {key}=...: the {config.model_type} config has no field '{key}'")
@@ -238,7 +242,9 @@ def load_student(spec: str, overrides: dict[str, Any], device: torch.device) -> 
         how = "config"
     else:
         if overrides:
-            raise ConfigError("--student-config only applies to a student built from a config, not to pretrained weights")
+            raise ConfigError(
+                "--student-config only applies to a student built from a config, not to pretrained weights"
+            )
         source = resolve_source(spec, "student")
         try:
             model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
@@ -324,5 +330,6 @@ def quiet_transformers() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass

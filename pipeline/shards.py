@@ -233,8 +233,10 @@ def _field(container: dict[str, Any], key: str, kind: type | tuple[type, ...], w
     if key not in container:
         raise CacheError(f"manifest: missing field '{where}{key}'; the cache is damaged or not a cache")
     value = container[key]
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise CacheError(f"manifest: field '{where}{key}' should be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise CacheError(
+            f"manifest: field '{where}{key}' should be {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -302,7 +304,9 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
         rows = _positive(_field(item, "rows", int, where), where + "rows")
         tokens = _field(item, "tokens", int, where)
         if tokens != rows * seq_len:
-            raise CacheError(f"manifest: shard '{name}' has {tokens} tokens, expected rows x seq_len = {rows * seq_len}")
+            raise CacheError(
+                f"manifest: shard '{name}' has {tokens} tokens, expected rows x seq_len = {rows * seq_len}"
+            )
         digest = _field(item, "sha256", str, where)
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise CacheError(f"manifest: shard '{name}' sha256 is not 64 hex digits")
@@ -323,7 +327,9 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
         raise CacheError("manifest: totals.sequences does not equal the sum of shard rows")
     if _field(totals, "tokens", int, "totals.") != sum(s.tokens for s in shards):
         raise CacheError("manifest: totals.tokens does not equal the sum of shard tokens")
-    return Manifest(raw=raw, seq_len=seq_len, k=k, logit_width=width, tokenizer_fingerprint=fingerprint, shards=tuple(shards))
+    return Manifest(
+        raw=raw, seq_len=seq_len, k=k, logit_width=width, tokenizer_fingerprint=fingerprint, shards=tuple(shards)
+    )
 
 
 def shard_path(cache_dir: Path, entry: ShardEntry) -> Path:
@@ -341,15 +347,20 @@ def check_shard(cache_dir: Path, entry: ShardEntry) -> None:
         raise CacheError(f"shard '{entry.name}' is missing from the cache")
     size = path.stat().st_size
     if size != entry.bytes:
-        raise CacheError(f"shard '{entry.name}' has {size} bytes, the manifest says {entry.bytes}; the shard is damaged")
+        raise CacheError(
+            f"shard '{entry.name}' has {size} bytes, the manifest says {entry.bytes}; the shard is damaged"
+        )
     actual = sha256_file(path)
     if actual != entry.sha256:
         raise CacheError(
-            f"shard '{entry.name}' fails its checksum (expected sha256 {entry.sha256}, got {actual}); the shard is damaged"
+            f"shard '{entry.name}' fails its checksum (expected sha256 {entry.sha256}, got {actual}); "
+            "the shard is damaged"
         )
 
 
-def iter_shard_rows(cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True) -> Iterator[tuple[int, codec.SparseRow]]:
+def iter_shard_rows(
+    cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
+) -> Iterator[tuple[int, codec.SparseRow]]:
     """``(seq_index, row)`` for each row of one shard, decoded; the shard is checked first when ``verify``."""
     if verify:
         check_shard(cache_dir, entry)

@@ -81,14 +81,14 @@ def _cache_tokenizer_dir(cache: Cache) -> Path:
     folder = cache.path / TOKENIZER_DIR
     listed = cache.manifest.raw.get("tokenizer", {}).get("files", [])
     if not folder.is_dir() or not listed:
-        raise CacheError(
-            f"the cache has no tokenizer copy and the student '{folder}' brings none; pass --tokenizer"
-        )
+        raise CacheError(f"the cache has no tokenizer copy and the student '{folder}' brings none; pass --tokenizer")
     if cache.verify:
         for item in listed:
             path = folder / Path(str(item.get("name", ""))).name
             if not path.is_file() or sha256_file(path) != item.get("sha256"):
-                raise CacheError(f"tokenizer file '{item.get('name')}' in the cache fails its checksum; the cache is damaged")
+                raise CacheError(
+                    f"tokenizer file '{item.get('name')}' in the cache fails its checksum; the cache is damaged"
+                )
     return folder
 
 
@@ -106,7 +106,11 @@ def prepare_student_output(out: Path, cfg: StudentTrainConfig) -> Path | None:
             raise OutputExistsError(
                 f"--out '{out}' is not empty; pass --resume to continue its run or --overwrite to replace it"
             )
-        if not (out / "training.json").exists() and not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists():
+        if (
+            not (out / "training.json").exists()
+            and not (out / "checkpoints").exists()
+            and not (out / "metrics.jsonl").exists()
+        ):
             raise OutputExistsError(f"--out '{out}' does not hold a student run; --overwrite only replaces one")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +195,9 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
     cache = open_cache(cfg.cache, verify=cfg.verify)
     eval_cache = open_cache(cfg.eval_cache, verify=cfg.verify) if cfg.eval_cache else None
     if eval_cache is not None and eval_cache.manifest.tokenizer_fingerprint != cache.manifest.tokenizer_fingerprint:
-        raise TokenizerMismatchError("--eval-cache was made with another tokenizer than --cache; use caches of the same teacher")
+        raise TokenizerMismatchError(
+            "--eval-cache was made with another tokenizer than --cache; use caches of the same teacher"
+        )
     tokenizer, tokenizer_origin = resolve_student_tokenizer(cfg, cache)
     out = Path(cfg.out)
     resume_from = prepare_student_output(out, cfg)
@@ -236,7 +242,14 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
 
     metrics_path = out / "metrics.jsonl"
     model.train()
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc="student pass", disable=None if progress else True, mininterval=1.0)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        unit="step",
+        desc="student pass",
+        disable=None if progress else True,
+        mininterval=1.0,
+    )
     tokens_done, last = 0, {"loss": float("nan")}
     window_start, window_tokens = time.time(), 0
     seq_len = cache.manifest.seq_len
@@ -249,7 +262,9 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
                 batch_rows = [next(rows)[1] for _ in range(cfg.batch_size)]
                 rows_seen += cfg.batch_size
                 batch = stack_rows(batch_rows, device)
-                parts = train_step_loss(head, batch, cfg.alpha, cfg.temperature, chunk_positions, 1 / cfg.grad_accum, autocast)
+                parts = train_step_loss(
+                    head, batch, cfg.alpha, cfg.temperature, chunk_positions, 1 / cfg.grad_accum, autocast
+                )
                 for key in sums:
                     sums[key] += parts[key] / cfg.grad_accum
             if cfg.max_grad_norm > 0:
@@ -279,7 +294,10 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
                 window_start, window_tokens = now, 0
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_checkpoint(
-                    out, step, model, optimizer,
+                    out,
+                    step,
+                    model,
+                    optimizer,
                     {"rows_seen": rows_seen, "config": cfg.to_json(), "cache_manifest_sha256": _manifest_sha(cache)},
                 )
     bar.close()
@@ -303,8 +321,13 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
     if results is not None:
         (out / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return TrainSummary(
-        out=str(out), steps=step, tokens=tokens_done, seconds=seconds, final_loss=last["loss"],
-        student_origin=origin, eval=results,
+        out=str(out),
+        steps=step,
+        tokens=tokens_done,
+        seconds=seconds,
+        final_loss=last["loss"],
+        student_origin=origin,
+        eval=results,
     )
 
 

@@ -91,8 +91,14 @@ def _batched(sequences: Iterator[np.ndarray], batch_size: int) -> Iterator[np.nd
 
 
 @torch.inference_mode()
-def capture_batch(head: models.LMHead, input_ids: torch.Tensor, k: int, chunk_positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher forward on ``(B, T)`` ids; returns numpy ``topk_ids (B, T, k)``, ``topk_logprobs (B, T, k)``, ``tail_logmass (B, T)``."""
+def capture_batch(
+    head: models.LMHead, input_ids: torch.Tensor, k: int, chunk_positions: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher forward on ``(B, T)`` int64 ids.
+
+    Returns numpy ``topk_ids (B, T, k)`` int64, ``topk_logprobs (B, T, k)`` float32 and
+    ``tail_logmass (B, T)`` float32.
+    """
     batch, seq_len = input_ids.shape
     hidden = head.hidden_states(input_ids).reshape(batch * seq_len, -1)
     ids_parts, logprob_parts, tail_parts = [], [], []
@@ -177,7 +183,9 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
                 "add data or lower --seq-len"
             )
         tokenizer_files = _save_tokenizer(tokenizer, out)
-        manifest = _manifest(cfg, stream.display, teacher_source, model, tokenizer, width, hasher, committed, tokenizer_files)
+        manifest = _manifest(
+            cfg, stream.display, teacher_source, model, tokenizer, width, hasher, committed, tokenizer_files
+        )
         shards.write_manifest(out, manifest)
     except BaseException:
         writer.abort()

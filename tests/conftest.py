@@ -16,11 +16,50 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-WORDS = (
-    "the a teacher student model learns small large cache shard token vocabulary quickly slowly "
-    "writes reads every each distribution probability mass river mountain city garden window "
-    "bright quiet green blue seven eleven runs walks sings jumps under over near beside and but"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "teacher",
+    "student",
+    "model",
+    "learns",
+    "small",
+    "large",
+    "cache",
+    "shard",
+    "token",
+    "vocabulary",
+    "quickly",
+    "slowly",
+    "writes",
+    "reads",
+    "every",
+    "each",
+    "distribution",
+    "probability",
+    "mass",
+    "river",
+    "mountain",
+    "city",
+    "garden",
+    "window",
+    "bright",
+    "quiet",
+    "green",
+    "blue",
+    "seven",
+    "eleven",
+    "runs",
+    "walks",
+    "sings",
+    "jumps",
+    "under",
+    "over",
+    "near",
+    "beside",
+    "and",
+    "but",
+]
 
 
 def make_sentences(count: int, seed: int) -> list[str]:
@@ -154,8 +193,21 @@ def run_cli(*args: str):
 def train_cache(workdir: Path, teacher_dir: Path, corpus: dict[str, Path]) -> Path:
     out = workdir / "cache-train"
     result = run_cli(
-        "teacher-cache", "--teacher", str(teacher_dir), "--dataset", str(corpus["train"]),
-        "--seq-len", "32", "--top-k", "16", "--shard-tokens", "512", "--batch-size", "4", "--out", str(out),
+        "teacher-cache",
+        "--teacher",
+        str(teacher_dir),
+        "--dataset",
+        str(corpus["train"]),
+        "--seq-len",
+        "32",
+        "--top-k",
+        "16",
+        "--shard-tokens",
+        "512",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
     )
     assert result.exit_code == 0, result.output
     return out
@@ -165,8 +217,17 @@ def train_cache(workdir: Path, teacher_dir: Path, corpus: dict[str, Path]) -> Pa
 def heldout_cache(workdir: Path, teacher_dir: Path, corpus: dict[str, Path]) -> Path:
     out = workdir / "cache-heldout"
     result = run_cli(
-        "teacher-cache", "--teacher", str(teacher_dir), "--dataset", str(corpus["heldout"]),
-        "--seq-len", "32", "--top-k", "16", "--out", str(out),
+        "teacher-cache",
+        "--teacher",
+        str(teacher_dir),
+        "--dataset",
+        str(corpus["heldout"]),
+        "--seq-len",
+        "32",
+        "--top-k",
+        "16",
+        "--out",
+        str(out),
     )
     assert result.exit_code == 0, result.output
     return out

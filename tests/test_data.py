@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.data import open_text_stream, pack_sequences, tokenize_documents
+from pipeline.errors import DatasetError, SourceNotFoundError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def test_each_document_gets_bos_from_the_tokenizer_and_eos_appended(tokenizer):
+    docs = ["The cache writes.", "A student learns."]
+    encoded = list(tokenize_documents(docs, tokenizer))
+    for text, ids in zip(docs, encoded):
+        assert ids[0] == tokenizer.bos_token_id
+        assert ids[-1] == tokenizer.eos_token_id
+        assert ids[:-1] == tokenizer(text)["input_ids"]
+
+
+def test_packing_cuts_fixed_sequences_and_drops_the_tail():
+    docs = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    packed = list(pack_sequences(docs, seq_len=5))
+    assert [p.tolist() for p in packed] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert all(p.dtype == np.int64 for p in packed)
+
+
+def test_packing_stops_at_max_sequences():
+    docs = [list(range(100))]
+    assert len(list(pack_sequences(docs, seq_len=10, max_sequences=3))) == 3
+
+
+def test_txt_files_are_one_document_each_by_default(corpus):
+    stream = open_text_stream(str(corpus["txt"]))
+    documents = list(stream.documents)
+    assert len(documents) == 6
+    assert all("\n" in doc for doc in documents)  # lines kept together
+
+
+def test_txt_files_split_by_line_on_request(corpus):
+    documents = list(open_text_stream(str(corpus["txt"]), txt_sample_by="line").documents)
+    assert len(documents) > 6
+
+
+def test_jsonl_text_column(corpus):
+    stream = open_text_stream(str(corpus["train"]))
+    first = next(iter(stream.documents))
+    expected = json.loads(corpus["train"].read_text().splitlines()[0])["text"]
+    assert first == expected
+    assert stream.display == "train.jsonl"
+
+
+def test_parquet_files_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["one doc", "two docs"]}), tmp_path / "part.parquet")
+    assert list(open_text_stream(str(tmp_path), text_column="body").documents) == ["one doc", "two docs"]
+
+
+def test_missing_text_column_names_the_columns(corpus):
+    with pytest.raises(DatasetError, match=r"no column 'content' \(columns: id, text\).*--text-column"):
+        open_text_stream(str(corpus["train"]), text_column="content")
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetError, match="empty"):
+        open_text_stream(str(tmp_path / "empty.jsonl"))
+
+
+def test_missing_path_is_refused():
+    with pytest.raises(SourceNotFoundError, match="does not exist"):
+        open_text_stream("./no/such/data.jsonl")
+
+
+def test_unreachable_hub_dataset_is_a_clear_error():
+    with pytest.raises(SourceNotFoundError, match="cannot read dataset 'nobody/no-such-dataset'"):
+        open_text_stream("nobody/no-such-dataset")
+
+
+def test_unsupported_file_type_is_refused(tmp_path):
+    (tmp_path / "data.csvx").write_text("x")
+    with pytest.raises(DatasetError):
+        open_text_stream(str(tmp_path))

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from pipeline.capture import capture_topk
+from pipeline.losses import (
+    dense_kl,
+    distillation_parts,
+    next_token_labels,
+    sparse_kl,
+    student_buckets,
+    teacher_buckets,
+)
+
+
+def teacher_and_student(n: int = 6, vocab: int = 40, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(n, vocab, generator=generator) * 2
+    student = torch.randn(n, vocab, generator=generator)
+    return teacher, student
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_k_equal_to_vocab_gives_dense_kl(temperature):
+    teacher, student = teacher_and_student()
+    ids, logprobs, tail = capture_topk(teacher, teacher.shape[-1])
+    sparse = sparse_kl(student, ids, logprobs, tail, temperature)
+    torch.testing.assert_close(sparse, dense_kl(teacher, student, temperature), atol=1e-5, rtol=1e-5)
+
+
+def test_buckets_merge_probability_so_sparse_kl_is_below_dense_at_t1():
+    teacher, student = teacher_and_student()
+    ids, logprobs, tail = capture_topk(teacher, 5)
+    sparse = sparse_kl(student, ids, logprobs, tail)
+    assert torch.all(sparse <= dense_kl(teacher, student) + 1e-6)
+    assert torch.all(sparse >= 0)
+
+
+def test_student_equal_to_teacher_has_zero_kl():
+    teacher, _ = teacher_and_student()
+    ids, logprobs, tail = capture_topk(teacher, 5)
+    torch.testing.assert_close(sparse_kl(teacher, ids, logprobs, tail), torch.zeros(6), atol=1e-5, rtol=0)
+
+
+def test_bucket_distributions_are_normalised():
+    teacher, student = teacher_and_student()
+    ids, logprobs, tail = capture_topk(teacher, 7)
+    for temperature in (1.0, 3.0):
+        for buckets in (teacher_buckets(logprobs, tail, temperature), student_buckets(student, ids, temperature)):
+            torch.testing.assert_close(buckets.exp().sum(-1), torch.ones(6))
+
+
+def test_gradients_are_finite_with_full_capture():
+    teacher, student = teacher_and_student()
+    student.requires_grad_(True)
+    ids, logprobs, tail = capture_topk(teacher, teacher.shape[-1])
+    sparse_kl(student, ids, logprobs, tail, 2.0).sum().backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_sparse_gradient_at_full_capture_equals_dense_gradient():
+    teacher, student = teacher_and_student()
+    ids, logprobs, tail = capture_topk(teacher, teacher.shape[-1])
+    a = student.clone().requires_grad_(True)
+    b = student.clone().requires_grad_(True)
+    sparse_kl(a, ids, logprobs, tail).sum().backward()
+    dense_kl(teacher, b).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_parts_scale_kd_by_temperature_squared_and_count_labels():
+    teacher, student = teacher_and_student()
+    ids, logprobs, tail = capture_topk(teacher, 5)
+    labels = torch.tensor([3, 4, 5, -100, 1, -100])
+    parts = distillation_parts(student, labels, ids, logprobs, tail, temperature=2.0)
+    expected_kd = 4.0 * sparse_kl(student, ids, logprobs, tail, 2.0).sum()
+    torch.testing.assert_close(parts.kd_sum, expected_kd)
+    keep = labels != -100
+    expected_ce = torch.nn.functional.cross_entropy(student[keep], labels[keep], reduction="sum")
+    torch.testing.assert_close(parts.ce_sum, expected_ce)
+    assert parts.ce_count == 4 and parts.kd_count == 6
+
+
+def test_labels_are_the_next_token_and_the_last_position_has_none():
+    labels = next_token_labels(torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    assert labels.tolist() == [[6, 7, -100], [9, 10, -100]]

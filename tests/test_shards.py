@@ -1,0 +1,88 @@
+"""Manifest validation and shard integrity checks."""
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.errors import CacheError
+from pipeline.shards import MANIFEST_NAME, check_shard, read_manifest
+
+
+@pytest.fixture()
+def cache_copy(train_cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(train_cache, copy)
+    return copy
+
+
+def edit_manifest(cache, change):
+    path = cache / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_valid_manifest_reads(train_cache):
+    manifest = read_manifest(train_cache)
+    assert manifest.k == 16 and manifest.seq_len == 32
+    assert manifest.tokens == manifest.sequences * 32
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(format_version=99), "version 99 is not supported"),
+        (lambda m: m["codec"].update(version=7), "codec shuffle-zstd/7 is not supported"),
+        (lambda m: m.pop("seq_len"), "missing field 'seq_len'"),
+        (lambda m: m.update(seq_len="32"), "'seq_len' should be int"),
+        (lambda m: m["shards"].append(dict(m["shards"][0])), "listed twice"),
+        (lambda m: m["totals"].update(tokens=1), "totals.tokens"),
+        (lambda m: m["shards"][0].update(tokens=5), "expected rows x seq_len"),
+        (lambda m: m["shards"][0].update(name="../escape.arrow"), "not of the form"),
+        (lambda m: m["capture"].update(k=10**9), "exceeds logit_width"),
+        (lambda m: m.update(shards=[]), "no shards"),
+    ],
+)
+def test_malformed_manifests_are_refused_with_a_clear_error(cache_copy, change, message):
+    edit_manifest(cache_copy, change)
+    with pytest.raises(CacheError, match=message):
+        read_manifest(cache_copy)
+
+
+def test_truncated_manifest_is_refused(cache_copy):
+    path = cache_copy / MANIFEST_NAME
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CacheError, match="not valid JSON"):
+        read_manifest(cache_copy)
+
+
+def test_flipped_bit_is_named_with_both_hashes(cache_copy):
+    manifest = read_manifest(cache_copy)
+    entry = manifest.shards[1]
+    path = cache_copy / entry.name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        CacheError,
+        match=rf"shard '{entry.name}' fails its checksum \(expected sha256 {entry.sha256}, got [0-9a-f]{{64}}\)",
+    ):
+        check_shard(cache_copy, entry)
+
+
+def test_truncated_shard_is_named(cache_copy):
+    entry = read_manifest(cache_copy).shards[0]
+    path = cache_copy / entry.name
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CacheError, match=f"shard '{entry.name}' has"):
+        check_shard(cache_copy, entry)
+
+
+def test_symlinked_shard_pointing_outside_is_refused(cache_copy, tmp_path):
+    entry = read_manifest(cache_copy).shards[0]
+    outside = tmp_path / "outside.arrow"
+    shutil.move(cache_copy / entry.name, outside)
+    (cache_copy / entry.name).symlink_to(outside)
+    with pytest.raises(CacheError, match="outside the cache folder"):
+        check_shard(cache_copy, entry)

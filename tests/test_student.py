@@ -1,0 +1,221 @@
+"""End-to-end student pass from a cache: it learns the teacher, never needs it, and refuses bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+from transformers import AutoModelForCausalLM
+
+TRAIN = ["--batch-size", "8", "--lr", "3e-3", "--seed", "0"]
+
+
+def train(cache, student, out, *extra):
+    result = run_cli(
+        "student-train", "--cache", str(cache), "--student", str(student), "--out", str(out), *TRAIN, *extra
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "training.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def kd_and_ce(train_cache, heldout_cache, student_config_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("students")
+    kd = train(
+        train_cache,
+        student_config_dir,
+        root / "kd",
+        "--epochs",
+        "3",
+        "--alpha",
+        "1.0",
+        "--eval-cache",
+        str(heldout_cache),
+        "--save-every",
+        "20",
+    )
+    ce = train(
+        train_cache,
+        student_config_dir,
+        root / "ce",
+        "--epochs",
+        "3",
+        "--alpha",
+        "0.0",
+        "--eval-cache",
+        str(heldout_cache),
+    )
+    return root, kd, ce
+
+
+def test_distilled_student_is_closer_to_the_teacher_than_a_ce_student(kd_and_ce):
+    _, kd, ce = kd_and_ce
+    assert kd["steps"] == ce["steps"] > 0
+    assert kd["eval"]["kl"] < 0.7 * ce["eval"]["kl"], (kd["eval"], ce["eval"])
+
+
+def test_final_student_loads_with_transformers(kd_and_ce, heldout_cache):
+    from transformers import AutoTokenizer
+
+    root, _, _ = kd_and_ce
+    model = AutoModelForCausalLM.from_pretrained(str(root / "kd"))
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "kd"))
+    assert (root / "kd" / "model.safetensors").exists()
+    assert not list((root / "kd").rglob("*.bin")) and not list((root / "kd").rglob("*.pt"))
+    ids = tokenizer("the teacher", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_metrics_are_logged(kd_and_ce):
+    root, _, _ = kd_and_ce
+    records = [json.loads(line) for line in (root / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert records and {"step", "loss", "kd", "ce", "lr", "tokens_per_s"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"]
+    ce_records = [json.loads(line) for line in (root / "ce" / "metrics.jsonl").read_text().splitlines()]
+    assert ce_records[0]["kd"] is None
+
+
+def test_loss_is_the_documented_mix(train_cache, student_config_dir, tmp_path):
+    # alpha = 0.5: loss = 0.5 * kd + 0.5 * ce in every logged record.
+    train(train_cache, student_config_dir, tmp_path / "mix", "--alpha", "0.5", "--max-steps", "3", "--log-every", "1")
+    for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["loss"] == pytest.approx(0.5 * record["kd"] + 0.5 * record["ce"], rel=1e-5)
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(train_cache, student_config_dir, tmp_path):
+    straight = tmp_path / "straight"
+    train(train_cache, student_config_dir, straight, "--max-steps", "6", "--alpha", "0.5")
+    resumed = tmp_path / "resumed"
+    train(train_cache, student_config_dir, resumed, "--max-steps", "6", "--alpha", "0.5", "--save-every", "3")
+    # Throw away the finished model, keep the step-3 checkpoint, and resume from it.
+    (resumed / "model.safetensors").unlink()
+    shutil.rmtree(resumed / "checkpoints" / "step-0000006", ignore_errors=True)
+    assert json.loads((resumed / "checkpoints" / "latest.json").read_text())["step"] == 3
+    train(
+        train_cache, student_config_dir, resumed, "--max-steps", "6", "--alpha", "0.5", "--save-every", "3", "--resume"
+    )
+    a = AutoModelForCausalLM.from_pretrained(str(straight)).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(str(resumed)).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_student_trains_with_the_teacher_deleted(train_cache, student_config_dir, teacher_dir, tmp_path):
+    cache_copy = tmp_path / "cache"
+    shutil.copytree(train_cache, cache_copy)
+    moved = tmp_path / "teacher-gone"
+    shutil.move(str(teacher_dir), moved)
+    try:
+        train(cache_copy, student_config_dir, tmp_path / "s", "--max-steps", "2")
+    finally:
+        shutil.move(str(moved), teacher_dir)
+
+
+def test_student_config_overrides_apply(train_cache, student_config_dir, tmp_path):
+    train(
+        train_cache, student_config_dir, tmp_path / "s", "--max-steps", "1", "--student-config", "num_hidden_layers=1"
+    )
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+def test_pretrained_student_with_weights_is_fine_tuned(train_cache, student_config_dir, tmp_path):
+    first = tmp_path / "first"
+    train(train_cache, student_config_dir, first, "--max-steps", "1")
+    summary = train(train_cache, first, tmp_path / "second", "--max-steps", "1")
+    assert summary["student_origin"] == "pretrained"
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def bad(*args: str) -> str:
+    result = run_cli("student-train", *args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_mismatched_tokenizer_is_refused_before_training(
+    train_cache, student_config_dir, other_tokenizer_dir, tmp_path
+):
+    message = bad(
+        "--cache",
+        str(train_cache),
+        "--student",
+        str(student_config_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--tokenizer",
+        str(other_tokenizer_dir),
+    )
+    assert "differs from the teacher's" in message
+    assert not (tmp_path / "s").exists()
+
+
+def test_student_folder_with_another_tokenizer_is_refused(
+    train_cache, student_config_dir, other_tokenizer_dir, tmp_path
+):
+    student = tmp_path / "student"
+    shutil.copytree(student_config_dir, student)
+    for item in other_tokenizer_dir.iterdir():
+        shutil.copy(item, student / item.name)
+    assert "differs from the teacher's" in bad(
+        "--cache", str(train_cache), "--student", str(student), "--out", str(tmp_path / "s")
+    )
+
+
+def test_cache_without_manifest_is_refused(student_config_dir, tmp_path):
+    (tmp_path / "cache").mkdir()
+    assert "not a cache" in bad(
+        "--cache", str(tmp_path / "cache"), "--student", str(student_config_dir), "--out", str(tmp_path / "s")
+    )
+
+
+def test_missing_cache_is_refused(student_config_dir, tmp_path):
+    assert "does not exist" in bad(
+        "--cache", str(tmp_path / "nope"), "--student", str(student_config_dir), "--out", str(tmp_path / "s")
+    )
+
+
+def test_non_empty_output_is_refused(train_cache, student_config_dir, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("keep")
+    assert "not empty" in bad(
+        "--cache", str(train_cache), "--student", str(student_config_dir), "--out", str(tmp_path / "s")
+    )
+    assert "does not hold a student run" in bad(
+        "--cache", str(train_cache), "--student", str(student_config_dir), "--out", str(tmp_path / "s"), "--overwrite"
+    )
+    assert (tmp_path / "s" / "notes.txt").read_text() == "keep"
+
+
+def test_student_with_too_few_logits_is_refused(train_cache, student_config_dir, tmp_path):
+    message = bad(
+        "--cache",
+        str(train_cache),
+        "--student",
+        str(student_config_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--student-config",
+        "vocab_size=300",
+    )
+    assert "vocab_size=320" in message
+
+
+def test_unknown_override_and_bad_options(train_cache, student_config_dir, tmp_path):
+    common = ["--cache", str(train_cache), "--student", str(student_config_dir), "--out", str(tmp_path / "s")]
+    assert "no field 'hidden_sizes'" in bad(*common, "--student-config", "hidden_sizes=3")
+    assert "key=value" in bad(*common, "--student-config", "hidden_size")
+    assert "--alpha" in bad(*common, "--alpha", "1.5")
+    assert "--temperature" in bad(*common, "--temperature", "0")
+    assert "not both" in bad(*common, "--epochs", "1", "--max-steps", "3")
+
+
+def test_missing_student_path_is_refused(train_cache, tmp_path):
+    assert "does not exist" in bad(
+        "--cache", str(train_cache), "--student", str(tmp_path / "nope/"), "--out", str(tmp_path / "s")
+    )

@@ -1,0 +1,223 @@
+"""End-to-end teacher pass on a tiny model: what it stores, and every bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import LOGIT_WIDTH, run_cli
+from transformers import AutoModelForCausalLM
+
+import pipeline
+from pipeline.shards import MANIFEST_NAME
+
+
+def test_stored_topk_matches_the_teacher_recomputed_here(train_cache, teacher_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    cache = pipeline.open_cache(train_cache)
+    rows = [row for _, row in zip(range(3), cache)]
+    input_ids = torch.from_numpy(np.stack([r.input_ids for r in rows]))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids).logits.float(), dim=-1)
+    for index, row in enumerate(rows):
+        reference = logprobs[index]  # (T, V): position t predicts token t + 1
+        stored = torch.from_numpy(row.topk_logprobs)
+        ids = torch.from_numpy(row.topk_ids)
+        # Ties allowed: every stored id's probability is at least the k-th largest.
+        kth = reference.topk(cache.manifest.k, dim=-1).values[:, -1:]
+        assert torch.all(reference.gather(-1, ids) >= kth - 1e-5)
+        torch.testing.assert_close(stored, reference.gather(-1, ids), rtol=2**-10, atol=1e-4)
+        # Tail = log of everything else, consistent with the stored top-k.
+        mass = torch.logaddexp(torch.logsumexp(reference.gather(-1, ids), -1), torch.from_numpy(row.tail_logmass))
+        torch.testing.assert_close(mass, torch.zeros_like(mass), atol=1e-4, rtol=0)
+
+
+def test_manifest_describes_the_cache(train_cache):
+    manifest = json.loads((train_cache / MANIFEST_NAME).read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["capture"] == {"strategy": "topk", "k": 16, "logprob_temperature": 1.0, "log_base": "e"}
+    assert manifest["logit_width"] == LOGIT_WIDTH
+    assert manifest["tokenizer"]["length"] == 300
+    assert manifest["seq_len"] == 32
+    assert manifest["dataset"]["source"] == "train.jsonl"
+    assert len(manifest["teacher"]["weights_sha256"]) == 64
+    assert manifest["totals"]["shards"] == len(manifest["shards"]) > 1
+    assert all(s["rows"] <= 16 for s in manifest["shards"])  # 512 tokens per shard / 32
+    text = json.dumps(manifest)
+    assert str(train_cache.parent) not in text  # no absolute paths
+    for entry in manifest["shards"]:
+        assert (train_cache / entry["name"]).stat().st_size == entry["bytes"]
+
+
+def test_sequences_start_with_bos_and_contain_eos(train_cache, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    first = next(iter(pipeline.open_cache(train_cache)))
+    assert first.input_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.eos_token_id in first.input_ids
+
+
+def test_same_inputs_give_byte_identical_caches(teacher_dir, corpus, tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = run_cli(
+            "teacher-cache",
+            "--teacher",
+            str(teacher_dir),
+            "--dataset",
+            str(corpus["heldout"]),
+            "--seq-len",
+            "16",
+            "--top-k",
+            "4",
+            "--max-tokens",
+            "160",
+            "--out",
+            str(out),
+        )
+        assert result.exit_code == 0, result.output
+        outputs.append(out)
+    files = sorted(p.name for p in outputs[0].iterdir() if p.is_file() and p.name != "run.json")
+    for name in files:
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+    assert json.loads((outputs[0] / MANIFEST_NAME).read_text())["totals"]["tokens"] == 160
+
+
+def test_gguf_teacher_file_is_accepted(tmp_path, teacher_dir):
+    # A path to a .gguf that is not there is reported as such (the GGUF path is exercised by the demo).
+    result = run_cli(
+        "teacher-cache", "--teacher", str(tmp_path / "model.gguf"), "--dataset", "x", "--out", str(tmp_path / "c")
+    )
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
+
+
+def test_full_vocabulary_capture_has_no_tail(teacher_dir, corpus, tmp_path):
+    out = tmp_path / "full"
+    result = run_cli(
+        "teacher-cache",
+        "--teacher",
+        str(teacher_dir),
+        "--dataset",
+        str(corpus["heldout"]),
+        "--seq-len",
+        "16",
+        "--top-k",
+        str(LOGIT_WIDTH),
+        "--max-tokens",
+        "32",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    row = next(iter(pipeline.open_cache(out)))
+    assert np.isneginf(row.tail_logmass).all()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def bad(*args: str):
+    result = run_cli("teacher-cache", *args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture()
+def base(teacher_dir, corpus, tmp_path):
+    return [
+        "--teacher",
+        str(teacher_dir),
+        "--dataset",
+        str(corpus["heldout"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--seq-len",
+        "16",
+    ]
+
+
+def test_unknown_model_path(base, tmp_path):
+    base[1] = str(tmp_path / "missing-model")
+    assert "does not exist" in bad(*base)
+
+
+def test_unreachable_hub_model(base):
+    base[1] = "nobody/no-such-model"
+    assert "cannot load teacher" in bad(*base)
+
+
+def test_missing_text_column(base):
+    assert "--text-column" in bad(*base, "--text-column", "body")
+
+
+def test_empty_dataset(base, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    base[3] = str(tmp_path / "empty.txt")
+    assert "empty" in bad(*base)
+
+
+def test_dataset_shorter_than_one_sequence_leaves_no_cache(base, tmp_path):
+    (tmp_path / "short.txt").write_text("tiny")
+    base[3] = str(tmp_path / "short.txt")
+    assert "fewer than" in bad(*base, "--seq-len", "64")
+    assert not (tmp_path / "out").exists()
+
+
+def test_seq_len_out_of_range(base):
+    assert "--seq-len" in bad(*base, "--seq-len", "1")
+    assert "--seq-len 4096 exceeds" in bad(*base, "--seq-len", "4096")
+
+
+def test_top_k_out_of_range(base):
+    assert "--top-k 0" in bad(*base, "--top-k", "0")
+    assert f"exceeds the teacher's vocabulary ({LOGIT_WIDTH}" in bad(*base, "--top-k", str(LOGIT_WIDTH + 1))
+
+
+def test_max_tokens_below_one_sequence(base):
+    assert "--max-tokens" in bad(*base, "--seq-len", "32", "--max-tokens", "10")
+
+
+def test_non_empty_output_is_refused_without_overwrite(base, tmp_path):
+    args = [*base, "--max-tokens", "32", "--top-k", "4"]
+    assert run_cli("teacher-cache", *args).exit_code == 0
+    before = (tmp_path / "out" / MANIFEST_NAME).read_bytes()
+    assert "--overwrite" in bad(*args)
+    assert (tmp_path / "out" / MANIFEST_NAME).read_bytes() == before
+    assert run_cli("teacher-cache", *args, "--overwrite").exit_code == 0
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_cache(base, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    assert "not part of a cache" in bad(*base, "--overwrite")
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+
+
+def test_interrupted_pass_leaves_no_manifest(base, tmp_path, monkeypatch):
+    from pipeline import teacher
+
+    calls = {"n": 0}
+    original = teacher.capture_batch
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(teacher, "capture_batch", failing)
+    with pytest.raises(RuntimeError):
+        run_cli("teacher-cache", *base, "--batch-size", "1", "--shard-tokens", "16", "--top-k", "4")
+    out = tmp_path / "out"
+    assert not (out / MANIFEST_NAME).exists()
+    assert sorted(p.name for p in out.glob("shard-*.arrow")) == ["shard-00000.arrow", "shard-00001.arrow"]
+    assert not list(out.glob(".*tmp"))
+    result = run_cli("inspect", str(out))
+    assert result.exit_code == 1 and "did not finish" in result.output
+    shutil.rmtree(out)
