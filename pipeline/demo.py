@@ -24,16 +24,13 @@ def write_corpus(out_dir: str | Path) -> dict[str, int]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"train": 0, "heldout": 0}
-    handles = {name: open(out / f".{name}.jsonl.tmp", "w", encoding="utf-8") for name in counts}
-    try:
-        for index, name in enumerate(sorted(topics)):
-            split = "heldout" if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "train"
-            handles[split].write(json.dumps({"topic": name, "text": topics[name]}, ensure_ascii=False) + "\n")
-            counts[split] += 1
-    finally:
-        for handle in handles.values():
-            handle.close()
+    lines: dict[str, list[str]] = {"train": [], "heldout": []}
+    for index, name in enumerate(sorted(topics)):
+        split = "heldout" if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "train"
+        lines[split].append(json.dumps({"topic": name, "text": topics[name]}, ensure_ascii=False) + "\n")
+    counts = {split: len(rows) for split, rows in lines.items()}
+    for split, rows in lines.items():
+        (out / f".{split}.jsonl.tmp").write_text("".join(rows), encoding="utf-8")
     for name in counts:
         (out / f".{name}.jsonl.tmp").replace(out / f"{name}.jsonl")
     return counts

@@ -32,23 +32,76 @@ def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, tem
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
+class _FoldedLogSoftmax(torch.autograd.Function):
+    """Log-softmax folded onto captured ids and one rest bucket, in one pass over the vocabulary.
+
+    Forward: ``z (N, V)``, ``ids (N, k)`` (unique within a row) ->
+    ``captured (N, k)`` log-probabilities, ``rest (N,)`` log of the mass outside ``ids``,
+    ``lse (N,)`` the log-normaliser. The rest mass is summed directly over the complement
+    (the captured entries of ``exp(z - max)`` are zeroed, then summed), so it is exact
+    even when the captured mass is within 1e-9 of 1; no ``log(1 - sum p)``.
+
+    Backward reuses the saved ``exp(z - max)``: one write of an ``(N, V)`` gradient,
+    where composing log_softmax, gather, scatter and logsumexp costs several.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor):  # type: ignore[override]
+        shift = z.max(dim=-1, keepdim=True).values
+        exp = torch.exp(z - shift)
+        total = exp.sum(dim=-1, keepdim=True)
+        captured_exp = exp.gather(-1, ids)
+        exp.scatter_(-1, ids, 0.0)
+        rest = exp.sum(dim=-1, keepdim=True)
+        lse = shift + torch.log(total)
+        captured = z.gather(-1, ids) - lse
+        rest_logprob = torch.log(rest) - torch.log(total)
+        ctx.save_for_backward(exp, ids, captured_exp, total, rest)
+        return captured, rest_logprob.squeeze(-1), lse.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_captured: torch.Tensor, grad_rest: torch.Tensor, grad_lse: torch.Tensor):  # type: ignore[override]
+        exp, ids, captured_exp, total, rest = ctx.saved_tensors
+        grad_rest = grad_rest.unsqueeze(-1)
+        # Every output depends on z_v through p_v = exp_v / total with this coefficient ...
+        softmax_coef = (grad_lse.unsqueeze(-1) - grad_captured.sum(-1, keepdim=True) - grad_rest) / total
+        # ... and the rest bucket also through exp_v / rest for v outside ids.
+        rest_coef = torch.where(rest > 0, grad_rest / rest.clamp_min(torch.finfo(rest.dtype).tiny), 0.0)
+        grad = exp * (softmax_coef + rest_coef)  # captured columns of exp are zero here
+        grad.scatter_add_(-1, ids, grad_captured + captured_exp * softmax_coef)
+        return grad, None
+
+
+def folded_log_softmax(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log_softmax(z)`` at ``ids``, the log of the mass outside them, and ``logsumexp(z)``.
+
+    Args:
+        z: ``(N, V)`` float32 logits.
+        ids: ``(N, k)`` int64, unique within each row.
+
+    Returns:
+        ``(N, k)``, ``(N,)``, ``(N,)`` float32; the rest is ``-inf`` where ``ids`` cover the row.
+    """
+    return _FoldedLogSoftmax.apply(z, ids)
+
+
 def student_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Student log-probabilities folded onto the teacher's ``k + 1`` buckets.
 
     Args:
         student_logits: ``(N, V)`` float logits.
-        topk_ids: ``(N, k)`` int64 captured ids (below ``V``).
+        topk_ids: ``(N, k)`` int64 captured ids (below ``V``, unique within a row).
 
     Returns:
         ``(N, k + 1)`` float32: log-softmax(logits / T) at ``topk_ids``, then the log of
-        the mass outside them (a log-sum-exp over the complement, exact even when the
-        captured mass is close to 1; ``-inf`` when the ids cover the vocabulary).
+        the mass outside them (exact even when the captured mass is close to 1; ``-inf``
+        when the ids cover the vocabulary).
     """
-    scaled = student_logits.float() / temperature
-    log_normalizer = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    captured = scaled.gather(-1, topk_ids) - log_normalizer
-    rest = torch.logsumexp(scaled.scatter(-1, topk_ids, float("-inf")), dim=-1, keepdim=True) - log_normalizer
-    return torch.cat([captured, rest], dim=-1)
+    scaled = student_logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    captured, rest, _ = folded_log_softmax(scaled, topk_ids)
+    return torch.cat([captured, rest.unsqueeze(-1)], dim=-1)
 
 
 def bucket_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
@@ -121,14 +174,25 @@ def distillation_parts(
     The loss over a batch is ``alpha * kd_sum / kd_count + (1 - alpha) * ce_sum / ce_count``.
     """
     zero = student_logits.new_zeros((), dtype=torch.float32)
-    kd_sum = zero
-    if need_kd:
-        kl = sparse_kl(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature)
-        kd_sum = kl.sum() * temperature**2
-    ce_sum = zero
+    logits = student_logits.float()
+    kd_sum = ce_sum = zero
     ce_count = int((labels != -100).sum())
+    labelled = labels != -100
+    log_normalizer = None
+    if need_kd:
+        scaled = logits if temperature == 1.0 else logits / temperature
+        captured, rest, lse = folded_log_softmax(scaled, topk_ids)
+        student = torch.cat([captured, rest.unsqueeze(-1)], dim=-1)
+        kl = bucket_kl(teacher_buckets(topk_logprobs, tail_logmass, temperature), student)
+        kd_sum = kl.sum() * temperature**2
+        if temperature == 1.0:
+            log_normalizer = lse  # cross-entropy shares the one pass over the vocabulary
     if need_ce and ce_count:
-        ce_sum = F.cross_entropy(student_logits.float(), labels, ignore_index=-100, reduction="sum")
+        if log_normalizer is None:
+            ce_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        else:
+            target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            ce_sum = ((log_normalizer - target) * labelled).sum()
     return LossParts(kd_sum=kd_sum, ce_sum=ce_sum, kd_count=student_logits.shape[0], ce_count=ce_count)
 
 

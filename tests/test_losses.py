@@ -83,3 +83,51 @@ def test_parts_scale_kd_by_temperature_squared_and_count_labels():
 def test_labels_are_the_next_token_and_the_last_position_has_none():
     labels = next_token_labels(torch.tensor([[5, 6, 7], [8, 9, 10]]))
     assert labels.tolist() == [[6, 7, -100], [9, 10, -100]]
+
+
+def test_folded_log_softmax_gradient_matches_finite_differences():
+    from pipeline.losses import folded_log_softmax
+
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    ids = torch.stack([torch.randperm(12, generator=generator)[:5] for _ in range(4)])
+    assert torch.autograd.gradcheck(lambda logits: folded_log_softmax(logits, ids), (z,))
+
+
+def test_folded_log_softmax_equals_the_composed_reference():
+    from pipeline.losses import folded_log_softmax
+
+    teacher, student = teacher_and_student()
+    ids, _, _ = capture_topk(teacher, 6)
+    captured, rest, lse = folded_log_softmax(student, ids)
+    reference = torch.log_softmax(student, -1)
+    torch.testing.assert_close(captured, reference.gather(-1, ids))
+    torch.testing.assert_close(lse, torch.logsumexp(student, -1))
+    complement = torch.logsumexp(student.scatter(-1, ids, float("-inf")), -1) - torch.logsumexp(student, -1)
+    torch.testing.assert_close(rest, complement)
+
+
+def test_student_rest_bucket_is_exact_when_captured_mass_is_nearly_one():
+    logits = torch.zeros(1, 50)
+    logits[0, 7] = 25.0
+    rest = student_buckets(logits, torch.tensor([[7]]))[0, -1]
+    expected = (
+        torch.log(torch.tensor(49.0, dtype=torch.float64))
+        - 25.0
+        - torch.log1p(torch.tensor(49 * 2.718281828459045**-25, dtype=torch.float64))
+    )
+    assert rest.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_shared_normaliser_gives_the_same_cross_entropy_and_gradient():
+    teacher, student = teacher_and_student()
+    ids, logprobs, tail = capture_topk(teacher, 5)
+    labels = torch.tensor([3, 4, 5, -100, 1, -100])
+    a = student.clone().requires_grad_(True)
+    b = student.clone().requires_grad_(True)
+    with_kd = distillation_parts(a, labels, ids, logprobs, tail, need_kd=True)
+    ce_only = distillation_parts(b, labels, ids, logprobs, tail, need_kd=False)
+    torch.testing.assert_close(with_kd.ce_sum, ce_only.ce_sum)
+    with_kd.ce_sum.backward()
+    ce_only.ce_sum.backward()
+    torch.testing.assert_close(a.grad, b.grad)
