@@ -61,6 +61,7 @@ def evaluate(
             ce_sum += float(parts.ce_sum)
             kl_count += parts.kd_count
             ce_count += parts.ce_count
+            del logits, parts
     if was_training:
         head.model.train()
     ce = ce_sum / max(ce_count, 1)

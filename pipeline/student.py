@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def train_step_loss(
     topk_ids = batch["topk_ids"].reshape(-1, k)
     topk_logprobs = batch["topk_logprobs"].reshape(-1, k)
     tail_logmass = batch["tail_logmass"].reshape(-1)
-    with autocast or _null():
+    with autocast or nullcontext():
         hidden = head.hidden_states(input_ids)
     flat = hidden.detach().reshape(n_batch * seq_len, -1).requires_grad_(True)
     kd_total = n_batch * seq_len
@@ -163,7 +164,7 @@ def train_step_loss(
     kd_sum = ce_sum = 0.0
     for start in range(0, flat.shape[0], chunk_positions):
         part = slice(start, start + chunk_positions)
-        with autocast or _null():
+        with autocast or nullcontext():
             logits = head.logits(flat[part])
         parts = distillation_parts(
             logits, labels[part], topk_ids[part], topk_logprobs[part], tail_logmass[part], temperature, need_kd, need_ce
@@ -172,19 +173,12 @@ def train_step_loss(
         (loss * scale).backward()
         kd_sum += float(parts.kd_sum.detach())
         ce_sum += float(parts.ce_sum.detach())
+        del logits, parts, loss  # free this chunk's (N, V) logits before the next chunk
     hidden.backward(flat.grad.reshape(hidden.shape))
     kd = kd_sum / kd_total if need_kd else float("nan")
     ce = ce_sum / ce_total
     loss_value = (alpha * kd if need_kd else 0.0) + (1 - alpha) * ce
     return {"loss": loss_value, "kd": kd, "ce": ce}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSummary:

@@ -104,10 +104,11 @@ def capture_batch(
     ids_parts, logprob_parts, tail_parts = [], [], []
     for start in range(0, hidden.shape[0], chunk_positions):
         logits = head.logits(hidden[start : start + chunk_positions])
-        topk_ids, topk_logprobs, tail_logmass = capture_topk(logits, k)
+        topk_ids, topk_logprobs, tail_logmass = capture_topk(logits, k, overwrite=True)
         ids_parts.append(topk_ids.cpu())
         logprob_parts.append(topk_logprobs.cpu())
         tail_parts.append(tail_logmass.cpu())
+        del logits  # free this chunk's (N, V) buffer before the next one is allocated
     return (
         torch.cat(ids_parts).reshape(batch, seq_len, k).numpy(),
         torch.cat(logprob_parts).reshape(batch, seq_len, k).numpy(),

@@ -39,3 +39,18 @@ def test_half_precision_logits_are_captured_in_fp32():
     logits = (torch.randn(4, 64) * 4).to(torch.bfloat16)
     _, logprobs, tail = capture_topk(logits, 4)
     assert logprobs.dtype == torch.float32 and tail.dtype == torch.float32
+
+
+def test_overwriting_the_logits_gives_the_same_capture():
+    logits = torch.randn(5, 300) * 5
+    expected = capture_topk(logits, 12)
+    scratch = logits.clone()
+    for got, want in zip(capture_topk(scratch, 12, overwrite=True), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_default_leaves_the_logits_untouched():
+    logits = torch.randn(3, 40)
+    before = logits.clone()
+    capture_topk(logits, 4)
+    assert torch.equal(logits, before)
