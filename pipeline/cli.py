@@ -31,10 +31,13 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail.")
-def main(verbose: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Log only warnings.")
+@click.version_option(package_name="distill-cache")
+def main(verbose: bool, quiet: bool) -> None:
     """Offline knowledge distillation: cache a teacher's top-k next-token distributions once,
     then train any number of students from the cache."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipeline").setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 @main.command("teacher-cache")

@@ -182,7 +182,7 @@ def teacher_identity(source: Source, model: nn.Module) -> dict[str, Any]:
         identity["weights_sha256"] = files_fingerprint(weights)
         identity["revision"] = None
     else:
-        commit = getattr(config, "_commit_hash", None)
+        commit = hub_commit(source.location)
         if not commit:
             raise TeacherError(
                 f"cannot tell which Hub commit of '{source.display}' was loaded; pin it with a local copy"
@@ -190,6 +190,20 @@ def teacher_identity(source: Source, model: nn.Module) -> dict[str, Any]:
         identity["revision"] = commit
         identity["weights_sha256"] = None
     return identity
+
+
+def hub_commit(repo_id: str) -> str | None:
+    """The commit of ``repo_id`` that the local Hub cache holds (what ``from_pretrained`` just used)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(cached, str):
+        return None
+    parts = Path(cached).parts
+    if "snapshots" not in parts:
+        return None
+    commit = parts[parts.index("snapshots") + 1]
+    return commit if len(commit) == 40 else None
 
 
 def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:

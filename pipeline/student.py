@@ -204,7 +204,16 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
             f"the student has {width} logits but the teacher's ids go up to {cache.manifest.logit_width}; "
             f"give the student vocab_size={cache.manifest.logit_width} (e.g. --student-config vocab_size=...)"
         )
-    log.info("student built from %s (%s); tokenizer from %s", cfg.student, origin, tokenizer_origin)
+    how = "a fresh model built from its config" if origin == "config" else "its pretrained weights"
+    parameters = sum(p.numel() for p in model.parameters())
+    log.info(
+        "student %s: %s, %s parameters, on %s; tokenizer from %s",
+        cfg.student,
+        how,
+        f"{parameters:,}",
+        device,
+        tokenizer_origin,
+    )
     head = models.LMHead(model)
     chunk_positions = cfg.head_chunk or head_chunk_positions(width)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None

@@ -150,6 +150,17 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
         dtype = models.pick_dtype(cfg.dtype, device)
         model = models.load_teacher(teacher_source, dtype, device)
         head = models.LMHead(model)
+        log.info(
+            "teacher %s (%s, %d logits) on %s in %s; dataset %s; k=%d, seq_len=%d",
+            teacher_source.display,
+            config.model_type,
+            width,
+            device,
+            dtype,
+            stream.display,
+            cfg.top_k,
+            cfg.seq_len,
+        )
         input_device = model.get_input_embeddings().weight.device
         chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
         hasher = TokenStreamHasher()

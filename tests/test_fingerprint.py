@@ -46,3 +46,20 @@ def test_token_stream_hash_depends_on_order():
     b.update(np.array([3, 4]))
     b.update(np.array([1, 2]))
     assert a.hexdigest() != b.hexdigest()
+
+
+def test_hub_commit_is_read_from_the_local_hub_cache(tmp_path, monkeypatch):
+    from pipeline.models import hub_commit
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert hub_commit("org/tiny") == commit
+    assert hub_commit("org/absent") is None
