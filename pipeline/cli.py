@@ -77,6 +77,12 @@ def teacher_cache(**options: Any) -> None:
     from pipeline.teacher import run_teacher_cache
 
     summary = run_teacher_cache(TeacherCacheConfig(**options))
+    if summary.status != "written":
+        click.echo(
+            f"cache {summary.path}: {summary.status} ({summary.tokens:,} tokens, {summary.shards} shard(s)); "
+            "nothing to do"
+        )
+        return
     click.echo(
         f"cache {summary.path}: {summary.tokens:,} tokens in {summary.sequences:,} sequences, "
         f"{summary.shards} shard(s), {summary.bytes:,} bytes ({summary.bytes_per_token:.1f} bytes/token), "

@@ -39,3 +39,7 @@ class TokenizerMismatchError(DistillError, ValueError):
 
 class TeacherError(DistillError, RuntimeError):
     """The teacher's outputs cannot be captured as the cache requires."""
+
+
+class CacheLockedError(DistillError, RuntimeError):
+    """Another teacher pass holds the cache folder's lock."""

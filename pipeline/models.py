@@ -166,9 +166,8 @@ def _has_accelerate() -> bool:
     return True
 
 
-def teacher_identity(source: Source, model: nn.Module) -> dict[str, Any]:
+def teacher_identity(source: Source, config: Any) -> dict[str, Any]:
     """The teacher's identity: Hub commit where it came from the Hub, else a hash of its weight files."""
-    config = model.config
     identity: dict[str, Any] = {
         "source": source.display,
         "model_type": getattr(config, "model_type", None),

@@ -15,11 +15,12 @@ either the old state or the new one, never a torn file under the final name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
-import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+import platform
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,30 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import codec
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, CacheLockedError
 from pipeline.fingerprint import sha256_file
+from pipeline.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SHARD_PATTERN,
+    Manifest,
+    ShardEntry,
+    parse_manifest,
+    render_manifest,
+)
 
-FORMAT_NAME = "distill-cache"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "ShardEntry"]
+
 RUN_LOG_NAME = "run.json"
+JOURNAL_NAME = "progress.json"
+LOCK_NAME = ".lock"
 TOKENIZER_DIR = "tokenizer"
-SHARD_PATTERN = re.compile(r"^shard-\d{5,}\.arrow$")
-MAX_MANIFEST_BYTES = 64 << 20
 RECORD_BATCH_ROWS = 16
+# float16 rounding can lift a log-probability of -1e-4 to a hair above 0.
+LOGPROB_SLACK = 1e-3
+CRASH_ENV = "DISTILL_TEST_CRASH_AT"
 SCHEMA = pa.schema(
     [
         pa.field("seq_index", pa.int64(), nullable=False),
@@ -52,6 +66,23 @@ SCHEMA = pa.schema(
         "distill.codec": f"{codec.CODEC_NAME}/{codec.CODEC_VERSION}",
     },
 )
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: SIGKILL this process at the n-th pass through ``name``.
+
+    Inert unless the environment variable ``DISTILL_TEST_CRASH_AT`` is ``name:n``.
+    """
+    target = os.environ.get(CRASH_ENV)
+    if not target:
+        return
+    point, _, count = target.partition(":")
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,41 +95,28 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
+def write_bytes_atomic(path: Path, payload: bytes, crash_name: str | None = None) -> None:
     """Write ``payload`` to ``path`` via a fsynced temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
-        handle.write(payload)
+        half = len(payload) // 2
+        handle.write(payload[:half])
+        if crash_name:
+            handle.flush()
+            crash_point(f"{crash_name}-partial")
+        handle.write(payload[half:])
         handle.flush()
         os.fsync(handle.fileno())
+    if crash_name:
+        crash_point(f"{crash_name}-before-rename")
     os.replace(tmp, path)
     fsync_dir(path.parent)
+    if crash_name:
+        crash_point(f"{crash_name}-after-rename")
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
-
-
-@dataclass(frozen=True)
-class ShardEntry:
-    """One shard as the manifest lists it."""
-
-    name: str
-    rows: int
-    tokens: int
-    bytes: int
-    sha256: str
-    first_seq: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "rows": self.rows,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-            "first_seq": self.first_seq,
-        }
 
 
 class ShardWriter:
@@ -106,13 +124,21 @@ class ShardWriter:
 
     Usage: ``add(seq_index, frames, n_tokens)`` for each row, then ``close()`` to commit
     the last partial shard; ``shards`` lists what is committed. ``abort()`` removes the
-    shard in progress.
+    shard in progress. ``committed`` continues a resumed pass after its shards;
+    ``on_commit(shards)`` runs after each shard is renamed into place (the journal).
     """
 
-    def __init__(self, cache_dir: Path, rows_per_shard: int) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        rows_per_shard: int,
+        committed: list[ShardEntry] | None = None,
+        on_commit: Callable[[list[ShardEntry]], None] | None = None,
+    ) -> None:
         self.cache_dir = cache_dir
         self.rows_per_shard = rows_per_shard
-        self.shards: list[ShardEntry] = []
+        self.shards: list[ShardEntry] = list(committed or [])
+        self.on_commit = on_commit
         self._pending: list[tuple[int, dict[str, bytes]]] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._sink: pa.OSFile | None = None
@@ -146,6 +172,8 @@ class ShardWriter:
             columns[name] = pa.array([frames[name] for _, frames in self._pending], type=pa.binary())
         self._writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
         self._pending.clear()
+        self._sink.flush()  # type: ignore[union-attr]
+        crash_point("record-batch")
 
     def _commit(self) -> None:
         assert self._writer is not None and self._sink is not None
@@ -164,9 +192,13 @@ class ShardWriter:
             sha256=sha256_file(tmp),
             first_seq=self._first_seq,
         )
+        crash_point("shard-before-rename")
         os.replace(tmp, self.cache_dir / name)
         fsync_dir(self.cache_dir)
+        crash_point("shard-after-rename")
         self.shards.append(entry)
+        if self.on_commit is not None:
+            self.on_commit(self.shards)
         self._writer = None
         self._sink = None
         self._rows = 0
@@ -192,9 +224,65 @@ class ShardWriter:
 
 
 def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest (the commit point) with sorted keys, so equal inputs give equal bytes."""
-    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
-    write_bytes_atomic(cache_dir / MANIFEST_NAME, text.encode("ascii"))
+    """Write the manifest (the commit point): sorted keys and its own checksum, so equal inputs give equal bytes."""
+    write_bytes_atomic(cache_dir / MANIFEST_NAME, render_manifest(manifest), crash_name="manifest")
+
+
+def write_journal(cache_dir: Path, header: dict[str, Any], shards: list[ShardEntry]) -> None:
+    """Record a pass in progress: the settings that define it and the shards committed so far."""
+    journal = {"header": header, "shards": [entry.to_json() for entry in shards]}
+    payload = (json.dumps(journal, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
+    write_bytes_atomic(cache_dir / JOURNAL_NAME, payload, crash_name="journal")
+
+
+def read_journal(cache_dir: Path) -> tuple[dict[str, Any], list[ShardEntry]] | None:
+    """The journal of an unfinished pass, or ``None`` if there is none or it is unreadable."""
+    path = cache_dir / JOURNAL_NAME
+    if not path.is_file():
+        return None
+    try:
+        journal = json.loads(path.read_bytes())
+        shards = [ShardEntry(**item) for item in journal["shards"]]
+        return journal["header"], shards
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+
+
+class CacheLock:
+    """An exclusive ``flock`` on ``CACHE/.lock`` for the length of a teacher pass.
+
+    The kernel drops the lock when its process dies, kill -9 included, so a crashed pass
+    never blocks the next one; the file's content (pid, host) only names the holder in
+    the error message. On a filesystem without ``flock`` support the lock is refused.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / LOCK_NAME
+        self._handle: Any = None
+
+    def __enter__(self) -> CacheLock:
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise CacheLockedError(
+                f"another teacher pass ({holder}) is writing to '{self.path.parent}'; wait for it to finish, "
+                f"or, if that process is gone, delete '{self.path}' and retry"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._handle.close()
 
 
 def write_run_log(cache_dir: Path, run: dict[str, Any]) -> None:
@@ -205,135 +293,28 @@ def write_run_log(cache_dir: Path, run: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class Manifest:
-    """A validated manifest. ``raw`` is the parsed JSON; the fields are what readers need."""
-
-    raw: dict[str, Any]
-    seq_len: int
-    k: int
-    logit_width: int
-    tokenizer_fingerprint: str
-    shards: tuple[ShardEntry, ...]
-
-    @property
-    def sequences(self) -> int:
-        return sum(shard.rows for shard in self.shards)
-
-    @property
-    def tokens(self) -> int:
-        return sum(shard.tokens for shard in self.shards)
-
-    @property
-    def bytes(self) -> int:
-        return sum(shard.bytes for shard in self.shards)
-
-
-def _field(container: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in container:
-        raise CacheError(f"manifest: missing field '{where}{key}'; the cache is damaged or not a cache")
-    value = container[key]
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        raise CacheError(
-            f"manifest: field '{where}{key}' should be {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
-        )
-    return value
-
-
-def _positive(value: int, where: str) -> int:
-    if value <= 0:
-        raise CacheError(f"manifest: field '{where}' must be positive, got {value}")
-    return value
-
-
 def read_manifest(cache_dir: str | Path) -> Manifest:
     """Read and validate ``manifest.json``; raise :class:`CacheError` naming the first problem."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         raise CacheError(f"cache folder '{cache_dir}' does not exist; check the path")
     path = cache_dir / MANIFEST_NAME
-    if not path.is_file():
-        if any(cache_dir.glob("shard-*.arrow")):
+    if path.is_symlink() or not path.is_file():
+        if (cache_dir / JOURNAL_NAME).exists() or any(cache_dir.glob("shard-*.arrow")):
             raise CacheError(
                 f"'{cache_dir}' has shards but no {MANIFEST_NAME}: the teacher pass did not finish; "
-                "run it again to complete the cache"
+                "run the same teacher-cache command again to complete it"
             )
         raise CacheError(f"'{cache_dir}' is not a cache (no {MANIFEST_NAME}); run distill teacher-cache first")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise CacheError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
-    try:
-        raw = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheError(f"{MANIFEST_NAME} is not valid JSON ({exc}); the cache is damaged") from None
-    if not isinstance(raw, dict):
-        raise CacheError(f"{MANIFEST_NAME} is not a JSON object; the cache is damaged")
-    if raw.get("format") != FORMAT_NAME:
-        raise CacheError(f"{MANIFEST_NAME} is not a {FORMAT_NAME} manifest")
-    version = _field(raw, "format_version", int, "")
-    if version != FORMAT_VERSION:
-        raise CacheError(
-            f"cache format version {version} is not supported (this reader knows {FORMAT_VERSION}); "
-            "upgrade the package to read it"
-        )
-    codec_info = _field(raw, "codec", dict, "")
-    if codec_info.get("name") != codec.CODEC_NAME or codec_info.get("version") != codec.CODEC_VERSION:
-        raise CacheError(
-            f"codec {codec_info.get('name')}/{codec_info.get('version')} is not supported "
-            f"(this reader knows {codec.CODEC_NAME}/{codec.CODEC_VERSION}); upgrade the package"
-        )
-    capture = _field(raw, "capture", dict, "")
-    k = _positive(_field(capture, "k", int, "capture."), "capture.k")
-    seq_len = _positive(_field(raw, "seq_len", int, ""), "seq_len")
-    width = _positive(_field(raw, "logit_width", int, ""), "logit_width")
-    if k > width:
-        raise CacheError(f"manifest: capture.k={k} exceeds logit_width={width}")
-    tokenizer = _field(raw, "tokenizer", dict, "")
-    fingerprint = _field(tokenizer, "fingerprint", str, "tokenizer.")
-    shards = []
-    seen: set[str] = set()
-    for number, item in enumerate(_field(raw, "shards", list, "")):
-        where = f"shards[{number}]."
-        if not isinstance(item, dict):
-            raise CacheError(f"manifest: {where[:-1]} is not an object")
-        name = _field(item, "name", str, where)
-        if not SHARD_PATTERN.match(name):
-            raise CacheError(f"manifest: shard name '{name}' is not of the form shard-NNNNN.arrow")
-        if name in seen:
-            raise CacheError(f"manifest: shard '{name}' is listed twice")
-        seen.add(name)
-        rows = _positive(_field(item, "rows", int, where), where + "rows")
-        tokens = _field(item, "tokens", int, where)
-        if tokens != rows * seq_len:
-            raise CacheError(
-                f"manifest: shard '{name}' has {tokens} tokens, expected rows x seq_len = {rows * seq_len}"
-            )
-        digest = _field(item, "sha256", str, where)
-        if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise CacheError(f"manifest: shard '{name}' sha256 is not 64 hex digits")
-        shards.append(
-            ShardEntry(
-                name=name,
-                rows=rows,
-                tokens=tokens,
-                bytes=_positive(_field(item, "bytes", int, where), where + "bytes"),
-                sha256=digest,
-                first_seq=_field(item, "first_seq", int, where),
-            )
-        )
-    if not shards:
-        raise CacheError("manifest lists no shards; the cache is empty")
-    totals = _field(raw, "totals", dict, "")
-    if _field(totals, "sequences", int, "totals.") != sum(s.rows for s in shards):
-        raise CacheError("manifest: totals.sequences does not equal the sum of shard rows")
-    if _field(totals, "tokens", int, "totals.") != sum(s.tokens for s in shards):
-        raise CacheError("manifest: totals.tokens does not equal the sum of shard tokens")
-    return Manifest(
-        raw=raw, seq_len=seq_len, k=k, logit_width=width, tokenizer_fingerprint=fingerprint, shards=tuple(shards)
-    )
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    return parse_manifest(data)
 
 
 def shard_path(cache_dir: Path, entry: ShardEntry) -> Path:
     """The shard's path, refusing anything that would leave the cache folder."""
+    if not SHARD_PATTERN.fullmatch(entry.name):
+        raise CacheError(f"shard name {entry.name[:80]!r} is not of the form shard-NNNNN.arrow")
     path = cache_dir / entry.name
     if path.is_symlink() or path.resolve().parent != cache_dir.resolve():
         raise CacheError(f"shard '{entry.name}' points outside the cache folder; refusing to read it")
@@ -370,14 +351,22 @@ def iter_shard_rows(
             reader = pa.ipc.open_file(source)
             if not reader.schema.equals(SCHEMA, check_metadata=False):
                 raise CacheError(f"shard '{entry.name}' has an unexpected schema; the cache is damaged")
+            if reader.num_record_batches > entry.rows:
+                raise CacheError(f"shard '{entry.name}' has more record batches than rows; the shard is damaged")
             seen = 0
             for batch_index in range(reader.num_record_batches):
                 batch = reader.get_batch(batch_index)
+                if seen + batch.num_rows > entry.rows:
+                    raise CacheError(f"shard '{entry.name}' holds more rows than the manifest's {entry.rows}")
                 seq_index = batch.column("seq_index").to_numpy()
                 payload = {name: batch.column(name) for name in codec.PAYLOAD_COLUMNS}
                 for row in range(batch.num_rows):
+                    if int(seq_index[row]) != entry.first_seq + seen:
+                        raise CacheError(f"shard '{entry.name}' has rows out of order; the shard is damaged")
                     frames = {name: payload[name][row].as_py() for name in codec.PAYLOAD_COLUMNS}
-                    yield int(seq_index[row]), codec.decode_row(frames, manifest.seq_len, manifest.k)
+                    decoded = codec.decode_row(frames, manifest.seq_len, manifest.k)
+                    check_row_values(decoded, manifest, entry.name)
+                    yield int(seq_index[row]), decoded
                     seen += 1
     except pa.ArrowException as exc:
         raise CacheError(f"shard '{entry.name}' is not a readable Arrow file ({exc}); the shard is damaged") from None
@@ -385,13 +374,14 @@ def iter_shard_rows(
         raise CacheError(f"shard '{entry.name}' holds {seen} rows, the manifest says {entry.rows}")
 
 
-def decode_rows_checked(row: codec.SparseRow, manifest: Manifest, shard: str) -> None:
-    """Deep check of one decoded row: ids below the logit width, values finite."""
+def check_row_values(row: codec.SparseRow, manifest: Manifest, shard: str) -> None:
+    """Check one decoded row: ids below the logit width, log-probabilities finite and at most 0,
+    tails not NaN or positive (``-inf``, nothing left out, is allowed)."""
     if row.topk_ids.size and int(row.topk_ids.max()) >= manifest.logit_width:
         raise CacheError(f"shard '{shard}': a stored id is not below logit_width {manifest.logit_width}")
     if row.input_ids.size and int(row.input_ids.max()) >= manifest.logit_width:
         raise CacheError(f"shard '{shard}': an input id is not below logit_width {manifest.logit_width}")
-    if not np.isfinite(row.topk_logprobs).all():
-        raise CacheError(f"shard '{shard}': a stored log-probability is not finite")
-    if np.isnan(row.tail_logmass).any() or np.isposinf(row.tail_logmass).any():
-        raise CacheError(f"shard '{shard}': a tail log-mass is NaN or +inf")
+    if not np.isfinite(row.topk_logprobs).all() or (row.topk_logprobs > LOGPROB_SLACK).any():
+        raise CacheError(f"shard '{shard}': a stored log-probability is not finite or is above 0")
+    if np.isnan(row.tail_logmass).any() or (row.tail_logmass > LOGPROB_SLACK).any():
+        raise CacheError(f"shard '{shard}': a tail log-mass is NaN or above 0")

@@ -25,15 +25,15 @@ from tqdm import tqdm
 from pipeline import codec, models, shards
 from pipeline.capture import capture_topk
 from pipeline.config import TeacherCacheConfig
-from pipeline.data import open_text_stream, pack_sequences, tokenize_documents
+from pipeline.data import TextStream, open_text_stream, pack_sequences, tokenize_documents
 from pipeline.errors import ConfigError, DatasetError, OutputExistsError
 from pipeline.fingerprint import TokenStreamHasher, sha256_file, tokenizer_fingerprint
+from pipeline.resume import plan_output
 
 log = logging.getLogger(__name__)
 
 # Upper bound on logits held at once: positions per head chunk = this // vocab.
 HEAD_CHUNK_ELEMENTS = 1 << 27
-CACHE_ENTRIES = ("manifest.json", "run.json", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class CacheSummary:
     shards: int
     bytes: int
     seconds: float
+    status: str = "written"  # or "already complete": nothing was run or rewritten
 
     @property
     def bytes_per_token(self) -> float:
@@ -56,37 +57,21 @@ class CacheSummary:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _is_cache_entry(path: Path) -> bool:
-    return path.name in CACHE_ENTRIES or path.name.startswith(("shard-", ".shard-", ".manifest", ".run"))
+def _batched(
+    sequences: Iterator[np.ndarray], batch_size: int, rows_per_shard: int, first_seq: int
+) -> Iterator[np.ndarray]:
+    """Stack sequences into ``(B, T)`` batches that never straddle a shard boundary.
 
-
-def prepare_output(out: Path, overwrite: bool) -> bool:
-    """Make ``out`` an empty folder; return whether this call created it.
-
-    A non-empty folder is refused unless ``overwrite``, and even then only when it holds
-    nothing but cache files, so a mistyped path cannot wipe unrelated work.
+    A resumed pass starts at a shard boundary, so aligning batches to shards gives it the
+    very batches an uninterrupted pass runs, and with them the same bytes.
     """
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"--out '{out}' is not empty; pass --overwrite to replace the cache there")
-        strangers = [p.name for p in out.iterdir() if not _is_cache_entry(p)]
-        if strangers:
-            raise OutputExistsError(
-                f"--out '{out}' holds files that are not part of a cache ({', '.join(sorted(strangers)[:3])}); "
-                "--overwrite only replaces a cache: choose another folder"
-            )
-        for entry in out.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        return False
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    return created
-
-
-def _batched(sequences: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    while batch := list(itertools.islice(sequences, batch_size)):
+    seq_index = first_seq
+    while True:
+        room = rows_per_shard - seq_index % rows_per_shard
+        batch = list(itertools.islice(sequences, min(batch_size, room)))
+        if not batch:
+            return
+        seq_index += len(batch)
         yield np.stack(batch)
 
 
@@ -128,7 +113,7 @@ def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSummary:
-    """Run the teacher pass described by ``cfg``; return what was written."""
+    """Run the teacher pass described by ``cfg``, resuming an unfinished one; return what was written."""
     started = time.time()
     models.quiet_transformers()
     out = Path(cfg.out)
@@ -142,42 +127,102 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} positions; lower it")
     stream = open_text_stream(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.txt_sample_by)
-    created = prepare_output(out, cfg.overwrite)
-
-    writer = shards.ShardWriter(out, cfg.rows_per_shard)
+    device = models.pick_device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
+    header = cache_header(cfg, stream.display, teacher_source, config, tokenizer, width, dtype, device)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        device = models.pick_device(cfg.device)
-        dtype = models.pick_dtype(cfg.dtype, device)
+        with shards.CacheLock(out):
+            plan = plan_output(out, header, cfg.overwrite)
+            if plan.action == "complete":
+                log.info("cache %s is already complete for these settings; nothing to do", out)
+                manifest = shards.read_manifest(out)
+                totals = (manifest.sequences, manifest.tokens, len(manifest.shards), manifest.bytes)
+                return CacheSummary(str(out), *totals, seconds=0.0, status="already complete")
+            summary = _write_cache(
+                cfg, out, header, plan.committed, stream, teacher_source, tokenizer, width, dtype, device, progress
+            )
+    except BaseException:
+        if created and not any(p.name != shards.LOCK_NAME for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    seconds = time.time() - started
+    shards.write_run_log(
+        out,
+        {
+            "command": "teacher-cache",
+            "argv": sys.argv,
+            "config": cfg.to_json(),
+            "host": platform.node(),
+            "device": str(device),
+            "dtype": str(dtype),
+            "resumed_after_sequences": plan.committed[-1].first_seq + plan.committed[-1].rows if plan.committed else 0,
+            "started_unix": started,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(summary.tokens / seconds, 2) if seconds > 0 else None,
+        },
+    )
+    return CacheSummary(summary.path, summary.sequences, summary.tokens, summary.shards, summary.bytes, seconds)
+
+
+def _write_cache(
+    cfg: TeacherCacheConfig,
+    out: Path,
+    header: dict[str, Any],
+    committed: list[shards.ShardEntry],
+    stream: TextStream,
+    teacher_source: models.Source,
+    tokenizer: Any,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+) -> CacheSummary:
+    """The loop: batch, forward, capture, encode, write; then the tokenizer and the manifest."""
+    shards.write_journal(out, header, committed)
+    writer = shards.ShardWriter(
+        out, cfg.rows_per_shard, committed, on_commit=lambda done: shards.write_journal(out, header, done)
+    )
+    done_rows = committed[-1].first_seq + committed[-1].rows if committed else 0
+    hasher = TokenStreamHasher()
+    sequences = pack_sequences(tokenize_documents(stream.documents, tokenizer), cfg.seq_len, cfg.max_sequences)
+    for sequence in itertools.islice(sequences, done_rows):  # already in committed shards
+        hasher.update(sequence)
+    try:
         model = models.load_teacher(teacher_source, dtype, device)
         head = models.LMHead(model)
         log.info(
-            "teacher %s (%s, %d logits) on %s in %s; dataset %s; k=%d, seq_len=%d",
+            "teacher %s (%d logits) on %s in %s; dataset %s; k=%d, seq_len=%d%s",
             teacher_source.display,
-            config.model_type,
             width,
             device,
             dtype,
             stream.display,
             cfg.top_k,
             cfg.seq_len,
+            f"; resuming after {done_rows} sequences" if done_rows else "",
         )
         input_device = model.get_input_embeddings().weight.device
         chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
-        hasher = TokenStreamHasher()
-        sequences = pack_sequences(tokenize_documents(stream.documents, tokenizer), cfg.seq_len, cfg.max_sequences)
         bar = tqdm(
             total=cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None,
+            initial=done_rows * cfg.seq_len,
             unit="tok",
             unit_scale=True,
             desc="teacher pass",
             disable=None if progress else True,
             mininterval=1.0,
         )
-        seq_index = 0
-        for batch in _batched(sequences, cfg.batch_size):
+        seq_index = done_rows
+        checked = False
+        for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
             input_ids = torch.from_numpy(batch).to(input_device)
-            if seq_index == 0:
+            if not checked:
                 head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
+                checked = True
             topk_ids, topk_logprobs, tail_logmass = capture_batch(head, input_ids, cfg.top_k, chunk_positions)
             for row in range(batch.shape[0]):
                 hasher.update(batch[row])
@@ -189,78 +234,58 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
             bar.update(batch.size)
         bar.close()
         committed = writer.close()
-        if not committed:
-            raise DatasetError(
-                f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence; "
-                "add data or lower --seq-len"
-            )
-        tokenizer_files = _save_tokenizer(tokenizer, out)
-        manifest = _manifest(
-            cfg, stream.display, teacher_source, model, tokenizer, width, hasher, committed, tokenizer_files
-        )
-        shards.write_manifest(out, manifest)
     except BaseException:
         writer.abort()
-        if created and not writer.shards:
-            shutil.rmtree(out, ignore_errors=True)
         raise
-    seconds = time.time() - started
-    summary = CacheSummary(
-        path=str(out),
-        sequences=manifest["totals"]["sequences"],
-        tokens=manifest["totals"]["tokens"],
-        shards=len(committed),
-        bytes=manifest["totals"]["bytes"],
-        seconds=seconds,
-    )
-    shards.write_run_log(
-        out,
-        {
-            "command": "teacher-cache",
-            "argv": sys.argv,
-            "config": cfg.to_json(),
-            "host": platform.node(),
-            "device": str(device),
-            "dtype": str(dtype),
-            "started_unix": started,
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(summary.tokens_per_second, 2),
-        },
-    )
-    return summary
+    if not committed:
+        (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
+        raise DatasetError(
+            f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence; "
+            "add data or lower --seq-len"
+        )
+    manifest = finish_manifest(header, hasher, committed, _save_tokenizer(tokenizer, out))
+    shards.write_manifest(out, manifest)
+    (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
+    shards.fsync_dir(out)
+    totals = manifest["totals"]
+    return CacheSummary(str(out), totals["sequences"], totals["tokens"], totals["shards"], totals["bytes"], 0.0)
 
 
-def _manifest(
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def cache_header(
     cfg: TeacherCacheConfig,
     dataset_display: str,
     teacher_source: models.Source,
-    model: torch.nn.Module,
+    config: Any,
     tokenizer: Any,
     width: int,
-    hasher: TokenStreamHasher,
-    committed: list[shards.ShardEntry],
-    tokenizer_files: list[dict[str, Any]],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> dict[str, Any]:
-    """Everything a reader needs, and nothing that varies between identical runs."""
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        next(model.parameters()).dtype, str(next(model.parameters()).dtype)
-    )
+    """Every setting that decides the cache's bytes, and nothing that varies between identical runs.
+
+    The manifest is this header plus the results (token-stream hash, tokenizer files,
+    totals, shards); a resumed or repeated pass must find the same header.
+    """
     return {
         "format": shards.FORMAT_NAME,
         "format_version": shards.FORMAT_VERSION,
         "codec": {"name": codec.CODEC_NAME, "version": codec.CODEC_VERSION, "columns": codec.COLUMN_DTYPES},
         "capture": {"strategy": "topk", "k": cfg.top_k, "logprob_temperature": 1.0, "log_base": "e"},
         "position_convention": "row position t holds the teacher's distribution over token t+1",
-        "teacher": {**models.teacher_identity(teacher_source, model), "dtype": dtype_name},
+        "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
+        "compute": {"device_type": device.type, "batch_size": cfg.batch_size},
         "tokenizer": {
             "fingerprint": tokenizer_fingerprint(tokenizer),
             "length": len(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
-            "files": tokenizer_files,
         },
         "logit_width": width,
         "seq_len": cfg.seq_len,
+        "rows_per_shard": cfg.rows_per_shard,
         "packing": {
             "bos": "as the tokenizer adds by default",
             "eos_after_document": tokenizer.eos_token_id is not None,
@@ -274,8 +299,21 @@ def _manifest(
             "split": cfg.split,
             "text_column": cfg.text_column,
             "max_tokens": cfg.max_tokens,
-            "token_stream_sha256": hasher.hexdigest(),
         },
+    }
+
+
+def finish_manifest(
+    header: dict[str, Any],
+    hasher: TokenStreamHasher,
+    committed: list[shards.ShardEntry],
+    tokenizer_files: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The header plus what the pass produced."""
+    return {
+        **header,
+        "tokenizer": {**header["tokenizer"], "files": tokenizer_files},
+        "dataset": {**header["dataset"], "token_stream_sha256": hasher.hexdigest()},
         "totals": {
             "sequences": sum(s.rows for s in committed),
             "tokens": sum(s.tokens for s in committed),

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from pipeline.errors import CacheError
+from pipeline.manifest import render_manifest
 from pipeline.shards import MANIFEST_NAME, check_shard, read_manifest
 
 
@@ -16,11 +17,12 @@ def cache_copy(train_cache, tmp_path):
     return copy
 
 
-def edit_manifest(cache, change):
+def edit_manifest(cache, change, reseal=True):
+    """Change the manifest; ``reseal`` recomputes its checksum so the change itself is what gets judged."""
     path = cache / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     change(manifest)
-    path.write_text(json.dumps(manifest))
+    path.write_bytes(render_manifest(manifest) if reseal else json.dumps(manifest).encode())
 
 
 def test_valid_manifest_reads(train_cache):
@@ -40,13 +42,51 @@ def test_valid_manifest_reads(train_cache):
         (lambda m: m["totals"].update(tokens=1), "totals.tokens"),
         (lambda m: m["shards"][0].update(tokens=5), "expected rows x seq_len"),
         (lambda m: m["shards"][0].update(name="../escape.arrow"), "not of the form"),
-        (lambda m: m["capture"].update(k=10**9), "exceeds logit_width"),
+        (lambda m: m["capture"].update(k=10**9), r"'capture.k' = 1000000000 is outside"),
+        (lambda m: m["shards"][1].update(first_seq=0), "starts at sequence 0, expected"),
+        (lambda m: m["tokenizer"].update(fingerprint="x"), "not 64 hex"),
+        (lambda m: m["shards"][0].update(rows=True), "should be int, got bool"),
         (lambda m: m.update(shards=[]), "no shards"),
     ],
 )
 def test_malformed_manifests_are_refused_with_a_clear_error(cache_copy, change, message):
     edit_manifest(cache_copy, change)
     with pytest.raises(CacheError, match=message):
+        read_manifest(cache_copy)
+
+
+def test_edit_without_resealing_fails_the_manifest_checksum(cache_copy):
+    edit_manifest(cache_copy, lambda m: m["packing"].update(bos="never"), reseal=False)
+    with pytest.raises(CacheError, match="fails its own checksum"):
+        read_manifest(cache_copy)
+
+
+def test_shard_count_limit(cache_copy, monkeypatch):
+    import pipeline.manifest
+
+    monkeypatch.setattr(pipeline.manifest, "MAX_SHARDS", 4)
+    with pytest.raises(CacheError, match="more than the 4 a reader accepts"):
+        read_manifest(cache_copy)
+
+
+def test_oversized_manifest_is_refused_before_parsing(cache_copy, monkeypatch):
+    import pipeline.manifest
+
+    monkeypatch.setattr(pipeline.manifest, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(CacheError, match="larger than 100 bytes"):
+        read_manifest(cache_copy)
+
+
+def test_empty_manifest_is_refused(cache_copy):
+    (cache_copy / MANIFEST_NAME).write_bytes(b"")
+    with pytest.raises(CacheError, match="not valid JSON"):
+        read_manifest(cache_copy)
+
+
+def test_duplicate_keys_are_refused(cache_copy):
+    path = cache_copy / MANIFEST_NAME
+    path.write_bytes(path.read_bytes().replace(b'"seq_len": 32', b'"seq_len": 32, "seq_len": 32', 1))
+    with pytest.raises(CacheError, match="appears twice"):
         read_manifest(cache_copy)
 
 

@@ -183,19 +183,32 @@ def test_max_tokens_below_one_sequence(base):
     assert "--max-tokens" in bad(*base, "--seq-len", "32", "--max-tokens", "10")
 
 
-def test_non_empty_output_is_refused_without_overwrite(base, tmp_path):
+def test_finished_cache_is_left_alone_or_replaced_only_with_overwrite(base, tmp_path, monkeypatch):
     args = [*base, "--max-tokens", "32", "--top-k", "4"]
     assert run_cli("teacher-cache", *args).exit_code == 0
-    before = (tmp_path / "out" / MANIFEST_NAME).read_bytes()
-    assert "--overwrite" in bad(*args)
-    assert (tmp_path / "out" / MANIFEST_NAME).read_bytes() == before
-    assert run_cli("teacher-cache", *args, "--overwrite").exit_code == 0
+    out = tmp_path / "out"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
+    # The same command again: no teacher forward, no file rewritten.
+    from pipeline import teacher
+
+    monkeypatch.setattr(teacher, "capture_batch", lambda *a, **k: pytest.fail("teacher ran again"))
+    result = run_cli("teacher-cache", *args)
+    assert result.exit_code == 0 and "already complete" in result.output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()} == before
+    monkeypatch.undo()
+    # Another command is refused, naming what differs.
+    message = bad(*base, "--max-tokens", "32", "--top-k", "8")
+    assert "capture.k: 4 there, 8 asked" in message and "--overwrite" in message
+    assert (out / MANIFEST_NAME).read_bytes() == before[MANIFEST_NAME][0]
+    assert run_cli("teacher-cache", *base, "--max-tokens", "32", "--top-k", "8", "--overwrite").exit_code == 0
+    assert pipeline.open_cache(out).manifest.k == 8
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_cache(base, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("precious")
     assert "not part of a cache" in bad(*base, "--overwrite")
+    assert "not part of a cache" in bad(*base)
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 

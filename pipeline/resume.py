@@ -1,0 +1,150 @@
+"""The teacher pass's output folder: start afresh, resume an unfinished pass, or find it complete.
+
+A pass in progress keeps ``progress.json`` (the journal): the *header* of the cache it is
+writing (every setting that decides the cache's bytes) and the shards committed so far.
+Running the same command again continues after the last committed shard that still
+matches its recorded size and sha256; anything later is deleted and written again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline import shards
+from pipeline.errors import CacheError, OutputExistsError
+from pipeline.fingerprint import sha256_file
+from pipeline.manifest import CHECKSUM_FIELD, MANIFEST_NAME, ShardEntry
+
+log = logging.getLogger(__name__)
+
+# Fields a finished manifest adds to the header: results, not settings.
+RESULT_FIELDS = ("totals", "shards", CHECKSUM_FIELD)
+RESULT_SUBFIELDS = (("dataset", "token_stream_sha256"), ("tokenizer", "files"))
+CACHE_NAMES = (MANIFEST_NAME, shards.RUN_LOG_NAME, shards.JOURNAL_NAME, shards.LOCK_NAME, shards.TOKENIZER_DIR)
+
+
+@dataclass
+class OutputPlan:
+    """What the teacher pass should do with its output folder."""
+
+    action: Literal["fresh", "resume", "complete"]
+    committed: list[ShardEntry] = field(default_factory=list)
+
+
+def header_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The settings part of a manifest (what a journal's header holds)."""
+    header = {key: value for key, value in manifest.items() if key not in RESULT_FIELDS}
+    for section, key in RESULT_SUBFIELDS:
+        if isinstance(header.get(section), dict):
+            header[section] = {k: v for k, v in header[section].items() if k != key}
+    return header
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """``capture.k: 16 here, 8 asked`` for the first few settings that differ."""
+    old, new = _flatten(found), _flatten(wanted)
+    keys = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    parts = [f"{key}: {str(old.get(key))[:40]} there, {str(new.get(key))[:40]} asked" for key in keys[:3]]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return "; ".join(parts) + more
+
+
+def is_cache_entry(path: Path) -> bool:
+    """Whether ``path`` is something a teacher pass writes (so ``--overwrite`` may delete it)."""
+    name = path.name
+    return (
+        name in CACHE_NAMES
+        or shards.SHARD_PATTERN.fullmatch(name) is not None
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _intact_prefix(out: Path, journaled: list[ShardEntry]) -> list[ShardEntry]:
+    """The journaled shards, in order, up to the first that is missing or damaged."""
+    intact: list[ShardEntry] = []
+    for entry in journaled:
+        path = out / entry.name
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != entry.bytes:
+            break
+        if sha256_file(path) != entry.sha256:
+            break
+        intact.append(entry)
+    return intact
+
+
+def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPlan:
+    """Decide between a fresh pass, a resumed one, or nothing to do; tidy the folder accordingly.
+
+    Must run under the folder's :class:`~pipeline.shards.CacheLock`.
+    """
+    entries = [p for p in out.iterdir() if p.name != shards.LOCK_NAME]
+    strangers = sorted(p.name for p in entries if not is_cache_entry(p))
+    if strangers:
+        raise OutputExistsError(
+            f"--out '{out}' holds files that are not part of a cache ({', '.join(strangers[:3])}); "
+            "choose an empty or new folder"
+        )
+    if overwrite:
+        for path in entries:
+            _remove(path)
+        return OutputPlan("fresh")
+    for path in entries:  # temporary files of an interrupted write are never worth keeping
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            _remove(path)
+    if (out / MANIFEST_NAME).exists():
+        try:
+            existing = header_of(shards.read_manifest(out).raw)
+        except CacheError as exc:
+            raise OutputExistsError(
+                f"--out '{out}' holds a damaged cache ({exc}); pass --overwrite to replace it"
+            ) from None
+        if existing != header:
+            raise OutputExistsError(
+                f"--out '{out}' holds a finished cache made with other settings "
+                f"({describe_difference(existing, header)}); "
+                "pass --overwrite to replace it, or choose another folder"
+            )
+        (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
+        return OutputPlan("complete")
+    journal = shards.read_journal(out)
+    if journal is None:
+        if any(p.exists() for p in entries):
+            raise OutputExistsError(
+                f"--out '{out}' holds a partial cache without a readable {shards.JOURNAL_NAME}; "
+                "pass --overwrite to start afresh"
+            )
+        return OutputPlan("fresh")
+    recorded, journaled = journal
+    if recorded != header:
+        raise OutputExistsError(
+            f"--out '{out}' holds an unfinished pass of another command ({describe_difference(recorded, header)}); "
+            "run that command to finish it, or pass --overwrite to start afresh"
+        )
+    committed = _intact_prefix(out, journaled)
+    keep = {entry.name for entry in committed} | {shards.JOURNAL_NAME}
+    for path in out.iterdir():
+        if path.name != shards.LOCK_NAME and path.name not in keep:
+            _remove(path)
+    if len(committed) < len(journaled):
+        log.warning("shard %s is missing or damaged; resuming from it", journaled[len(committed)].name)
+    return OutputPlan("resume", committed)
