@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.cache import open_cache
 from pipeline.errors import CacheError
 from pipeline.fingerprint import sha256_file
-from pipeline.shards import TOKENIZER_DIR, check_shard, read_manifest
+from pipeline.shards import TOKENIZER_DIR, check_shard, iter_shard_rows, read_manifest
 
 
 def cache_report(path: str | Path) -> dict[str, Any]:
@@ -38,14 +38,21 @@ def cache_report(path: str | Path) -> dict[str, Any]:
     }
 
 
-def verify_report(path: str | Path) -> tuple[list[str], int]:
-    """Every problem found (shards and tokenizer files), and how many shards were checked."""
+def verify_report(path: str | Path, deep: bool = False) -> tuple[list[str], int]:
+    """Every problem found (shards and tokenizer files), and how many shards (or, with ``deep``, rows) were checked.
+
+    ``deep`` also decodes every row of every intact shard and checks its ids and values.
+    """
     cache_dir = Path(path)
     manifest = read_manifest(cache_dir)
     problems = []
+    rows = 0
     for entry in manifest.shards:
         try:
             check_shard(cache_dir, entry)
+            if deep:
+                for _ in iter_shard_rows(cache_dir, entry, manifest, verify=False):
+                    rows += 1
         except CacheError as exc:
             problems.append(str(exc))
     for item in manifest.raw.get("tokenizer", {}).get("files", []):
@@ -55,4 +62,4 @@ def verify_report(path: str | Path) -> tuple[list[str], int]:
             problems.append(f"tokenizer file '{name}' is missing")
         elif sha256_file(file) != item.get("sha256"):
             problems.append(f"tokenizer file '{name}' fails its checksum")
-    return problems, len(manifest.shards)
+    return problems, rows if deep else len(manifest.shards)

@@ -287,7 +287,9 @@ class CacheLock:
 
 def write_run_log(cache_dir: Path, run: dict[str, Any]) -> None:
     """Timings, host and paths of this run: outside the manifest, so the cache stays deterministic."""
-    write_bytes_atomic(cache_dir / RUN_LOG_NAME, (json.dumps(run, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(
+        cache_dir / RUN_LOG_NAME, (json.dumps(run, indent=2, sort_keys=True) + "\n").encode(), crash_name="run-log"
+    )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -368,8 +370,14 @@ def iter_shard_rows(
                     check_row_values(decoded, manifest, entry.name)
                     yield int(seq_index[row]), decoded
                     seen += 1
-    except pa.ArrowException as exc:
-        raise CacheError(f"shard '{entry.name}' is not a readable Arrow file ({exc}); the shard is damaged") from None
+    except CacheError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+        # pyarrow reports malformed files through several builtin exception types.
+        message = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CacheError(
+            f"shard '{entry.name}' is not a readable Arrow file ({message}); the shard is damaged"
+        ) from None
     if seen != entry.rows:
         raise CacheError(f"shard '{entry.name}' holds {seen} rows, the manifest says {entry.rows}")
 

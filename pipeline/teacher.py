@@ -194,6 +194,7 @@ def _write_cache(
     try:
         model = models.load_teacher(teacher_source, dtype, device)
         head = models.LMHead(model)
+        shards.crash_point("teacher-loaded")
         log.info(
             "teacher %s (%d logits) on %s in %s; dataset %s; k=%d, seq_len=%d%s",
             teacher_source.display,
@@ -243,7 +244,9 @@ def _write_cache(
             f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence; "
             "add data or lower --seq-len"
         )
-    manifest = finish_manifest(header, hasher, committed, _save_tokenizer(tokenizer, out))
+    tokenizer_files = _save_tokenizer(tokenizer, out)
+    shards.crash_point("tokenizer-saved")
+    manifest = finish_manifest(header, hasher, committed, tokenizer_files)
     shards.write_manifest(out, manifest)
     (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
     shards.fsync_dir(out)

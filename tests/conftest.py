@@ -181,6 +181,17 @@ def corpus(workdir: Path) -> dict[str, Path]:
     return paths
 
 
+def edit_manifest(cache: Path, change, reseal: bool = True) -> None:
+    """Change a cache's manifest; ``reseal`` recomputes its checksum so the change itself is what gets judged."""
+    from pipeline.manifest import render_manifest
+    from pipeline.shards import MANIFEST_NAME
+
+    path = cache / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_bytes(render_manifest(manifest) if reseal else json.dumps(manifest).encode())
+
+
 def run_cli(*args: str):
     from click.testing import CliRunner
 

@@ -1,12 +1,11 @@
 """Manifest validation and shard integrity checks."""
 
-import json
 import shutil
 
 import pytest
+from conftest import edit_manifest
 
 from pipeline.errors import CacheError
-from pipeline.manifest import render_manifest
 from pipeline.shards import MANIFEST_NAME, check_shard, read_manifest
 
 
@@ -15,14 +14,6 @@ def cache_copy(train_cache, tmp_path):
     copy = tmp_path / "cache"
     shutil.copytree(train_cache, copy)
     return copy
-
-
-def edit_manifest(cache, change, reseal=True):
-    """Change the manifest; ``reseal`` recomputes its checksum so the change itself is what gets judged."""
-    path = cache / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_bytes(render_manifest(manifest) if reseal else json.dumps(manifest).encode())
 
 
 def test_valid_manifest_reads(train_cache):
