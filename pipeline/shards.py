@@ -358,6 +358,9 @@ def iter_shard_rows(
             seen = 0
             for batch_index in range(reader.num_record_batches):
                 batch = reader.get_batch(batch_index)
+                # Arrow IPC readers trust the offsets in the file; a hostile file with a valid
+                # hash could point them out of bounds. Full validation checks them first.
+                batch.validate(full=True)
                 if seen + batch.num_rows > entry.rows:
                     raise CacheError(f"shard '{entry.name}' holds more rows than the manifest's {entry.rows}")
                 seq_index = batch.column("seq_index").to_numpy()
