@@ -67,6 +67,14 @@ SCHEMA = pa.schema(
     },
 )
 _crash_counts: dict[str, int] = {}
+MIN_PYARROW = (14, 0, 1)  # CVE-2023-47248: older pyarrow unpickles extension types in IPC files
+
+
+def check_pyarrow_version(version: str = pa.__version__) -> None:
+    """Refuse a pyarrow that is unsafe to point at an untrusted shard."""
+    parts = tuple(int(piece) for piece in version.split(".")[:3] if piece.isdigit())
+    if parts < MIN_PYARROW:
+        raise CacheError(f"pyarrow {version} is unsafe for reading caches (CVE-2023-47248); upgrade to >= 14.0.1")
 
 
 def crash_point(name: str) -> None:
@@ -345,6 +353,7 @@ def iter_shard_rows(
     cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
 ) -> Iterator[tuple[int, codec.SparseRow]]:
     """``(seq_index, row)`` for each row of one shard, decoded; the shard is checked first when ``verify``."""
+    check_pyarrow_version()
     if verify:
         check_shard(cache_dir, entry)
     path = shard_path(cache_dir, entry)

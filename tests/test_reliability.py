@@ -321,3 +321,58 @@ def test_out_of_range_ids_are_refused(cache_copy, monkeypatch):
     with pytest.raises(CacheError, match="not below logit_width 10"):
         for _ in pipeline.open_cache(cache_copy):
             pass
+
+
+def test_no_read_path_unpickles():
+    sources = {path.name: path.read_text() for path in Path(pipeline.__file__).parent.glob("*.py")}
+    for name, text in sources.items():
+        for forbidden in ("import pickle", "torch.load(", "weights_only=False", "pickle.load", "allow_pickle=True"):
+            assert forbidden not in text, f"{name} uses {forbidden}"
+
+
+def test_old_pyarrow_is_refused():
+    from pipeline.shards import check_pyarrow_version
+
+    with pytest.raises(CacheError, match="CVE-2023-47248"):
+        check_pyarrow_version("14.0.0")
+    check_pyarrow_version("14.0.1")
+    check_pyarrow_version("26.0.1")
+
+
+def test_extension_type_columns_are_refused(cache_copy):
+    import pyarrow as pa
+
+    from pipeline.fingerprint import sha256_file
+
+    entry = read_manifest(cache_copy).shards[0]
+    path = cache_copy / entry.name
+    table = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()
+    uuid_type = pa.uuid() if hasattr(pa, "uuid") else pa.binary(16)
+    swapped = table.set_column(0, pa.field("seq_index", uuid_type), pa.array([b"\0" * 16] * table.num_rows, uuid_type))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, swapped.schema) as writer:
+        writer.write_table(swapped)
+    size, digest = path.stat().st_size, sha256_file(path)
+
+    def rehash(manifest):
+        manifest["shards"][0].update(bytes=size, sha256=digest)
+        manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+
+    edit_manifest(cache_copy, rehash)
+    with pytest.raises(CacheError, match="unexpected schema"):
+        for _ in pipeline.open_cache(cache_copy):
+            pass
+
+
+def test_rows_per_shard_limit(cache_copy, monkeypatch):
+    import pipeline.manifest
+
+    monkeypatch.setattr(pipeline.manifest, "MAX_ROWS_PER_SHARD", 3)
+    with pytest.raises(CacheError, match="rows' = 16 is outside"):
+        read_manifest(cache_copy)
+
+
+def test_checksums_can_be_skipped_on_request(cache_copy):
+    edit_manifest(cache_copy, lambda m: m["shards"][0].update(sha256="0" * 64))
+    with pytest.raises(CacheError, match="fails its checksum"):
+        next(iter(pipeline.open_cache(cache_copy)))
+    assert len(list(pipeline.open_cache(cache_copy, verify=False))) == read_manifest(cache_copy).sequences
