@@ -200,45 +200,19 @@ def run_cli(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-@pytest.fixture(scope="session")
-def train_cache(workdir: Path, teacher_dir: Path, corpus: dict[str, Path]) -> Path:
-    out = workdir / "cache-train"
-    result = run_cli(
-        "teacher-cache",
-        "--teacher",
-        str(teacher_dir),
-        "--dataset",
-        str(corpus["train"]),
-        "--seq-len",
-        "32",
-        "--top-k",
-        "16",
-        "--shard-tokens",
-        "512",
-        "--batch-size",
-        "4",
-        "--out",
-        str(out),
-    )
+def make_cache(teacher: Path, dataset: Path, out: Path, *options: str) -> Path:
+    """Run ``distill teacher-cache`` in process; fail the test with its output if it fails."""
+    result = run_cli("teacher-cache", "--teacher", str(teacher), "--dataset", str(dataset), "--out", str(out), *options)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def train_cache(workdir: Path, teacher_dir: Path, corpus: dict[str, Path]) -> Path:
+    options = ("--seq-len", "32", "--top-k", "16", "--shard-tokens", "512", "--batch-size", "4")
+    return make_cache(teacher_dir, corpus["train"], workdir / "cache-train", *options)
 
 
 @pytest.fixture(scope="session")
 def heldout_cache(workdir: Path, teacher_dir: Path, corpus: dict[str, Path]) -> Path:
-    out = workdir / "cache-heldout"
-    result = run_cli(
-        "teacher-cache",
-        "--teacher",
-        str(teacher_dir),
-        "--dataset",
-        str(corpus["heldout"]),
-        "--seq-len",
-        "32",
-        "--top-k",
-        "16",
-        "--out",
-        str(out),
-    )
-    assert result.exit_code == 0, result.output
-    return out
+    return make_cache(teacher_dir, corpus["heldout"], workdir / "cache-heldout", "--seq-len", "32", "--top-k", "16")

@@ -72,14 +72,18 @@ def reference(teacher_dir, corpus, tmp_path_factory):
     return cache_files(out)
 
 
-def crash_then_resume(point, count, teacher_dir, corpus, out, reference):
-    env = {**os.environ, CRASH_ENV: f"{point}:{count}"}
-    child = subprocess.run(
+def killed_run(point: str, count: int, teacher_dir, corpus, out: Path) -> subprocess.CompletedProcess:
+    """Run the teacher pass in a child process that SIGKILLs itself at ``point`` (n-th time)."""
+    return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "-q", "teacher-cache", *cache_args(teacher_dir, corpus, out)],
-        env=env,
+        env={**os.environ, CRASH_ENV: f"{point}:{count}"},
         capture_output=True,
         text=True,
     )
+
+
+def crash_then_resume(point, count, teacher_dir, corpus, out, reference):
+    child = killed_run(point, count, teacher_dir, corpus, out)
     assert child.returncode == -signal.SIGKILL, f"{point}:{count} never reached\n{child.stderr[-2000:]}"
     if point != "manifest-after-rename":
         assert not (out / MANIFEST_NAME).exists() or point.startswith("run-log")
@@ -102,12 +106,7 @@ def test_kill_anywhere_then_resume_gives_a_byte_identical_cache(point, count, te
 
 def test_resume_skips_the_committed_shards(teacher_dir, corpus, tmp_path, reference, monkeypatch):
     out = tmp_path / "cache"
-    env = {**os.environ, CRASH_ENV: "journal-after-rename:3"}
-    subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "-q", "teacher-cache", *cache_args(teacher_dir, corpus, out)],
-        env=env,
-        capture_output=True,
-    )
+    assert killed_run("journal-after-rename", 3, teacher_dir, corpus, out).returncode == -signal.SIGKILL
     from pipeline import teacher
 
     calls = []
@@ -122,12 +121,7 @@ def test_resume_skips_the_committed_shards(teacher_dir, corpus, tmp_path, refere
 
 def test_damaged_committed_shard_is_recomputed_on_resume(teacher_dir, corpus, tmp_path, reference):
     out = tmp_path / "cache"
-    env = {**os.environ, CRASH_ENV: "shard-after-rename:3"}
-    subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "-q", "teacher-cache", *cache_args(teacher_dir, corpus, out)],
-        env=env,
-        capture_output=True,
-    )
+    assert killed_run("shard-after-rename", 3, teacher_dir, corpus, out).returncode == -signal.SIGKILL
     shard = out / "shard-00001.arrow"
     data = bytearray(shard.read_bytes())
     data[100] ^= 4
@@ -138,12 +132,7 @@ def test_damaged_committed_shard_is_recomputed_on_resume(teacher_dir, corpus, tm
 
 def test_other_command_on_a_partial_cache_is_refused(teacher_dir, corpus, tmp_path):
     out = tmp_path / "cache"
-    env = {**os.environ, CRASH_ENV: "shard-after-rename:1"}
-    subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "-q", "teacher-cache", *cache_args(teacher_dir, corpus, out)],
-        env=env,
-        capture_output=True,
-    )
+    assert killed_run("shard-after-rename", 1, teacher_dir, corpus, out).returncode == -signal.SIGKILL
     other = [a if a != "8" else "4" for a in cache_args(teacher_dir, corpus, out)]
     result = run_cli("teacher-cache", *other)
     assert result.exit_code == 1
