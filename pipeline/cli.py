@@ -87,6 +87,7 @@ def teacher_cache(**options: Any) -> None:
         f"cache {summary.path}: {summary.tokens:,} tokens in {summary.sequences:,} sequences, "
         f"{summary.shards} shard(s), {summary.bytes:,} bytes ({summary.bytes_per_token:.1f} bytes/token), "
         f"{summary.seconds:.1f} s ({summary.tokens_per_second:,.0f} tokens/s)"
+        + (f"; resumed after {summary.resumed_tokens:,} cached tokens" if summary.resumed_tokens else "")
     )
 
 

@@ -7,6 +7,7 @@ leave the device), capture, encode, write. The manifest is written last.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import platform
@@ -47,6 +48,7 @@ class CacheSummary:
     bytes: int
     seconds: float
     status: str = "written"  # or "already complete": nothing was run or rewritten
+    resumed_tokens: int = 0  # tokens already in the cache when this run started
 
     @property
     def bytes_per_token(self) -> float:
@@ -54,7 +56,8 @@ class CacheSummary:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        """Tokens this run put through the teacher, per second."""
+        return (self.tokens - self.resumed_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
 def _batched(
@@ -150,6 +153,8 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
             shutil.rmtree(out, ignore_errors=True)
         raise
     seconds = time.time() - started
+    resumed_tokens = sum(entry.tokens for entry in plan.committed)
+    finished = dataclasses.replace(summary, seconds=seconds, resumed_tokens=resumed_tokens)
     shards.write_run_log(
         out,
         {
@@ -162,10 +167,10 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
             "resumed_after_sequences": plan.committed[-1].first_seq + plan.committed[-1].rows if plan.committed else 0,
             "started_unix": started,
             "seconds": round(seconds, 3),
-            "tokens_per_second": round(summary.tokens / seconds, 2) if seconds > 0 else None,
+            "tokens_per_second": round(finished.tokens_per_second, 2),
         },
     )
-    return CacheSummary(summary.path, summary.sequences, summary.tokens, summary.shards, summary.bytes, seconds)
+    return finished
 
 
 def _write_cache(

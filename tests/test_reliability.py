@@ -114,7 +114,8 @@ def test_resume_skips_the_committed_shards(teacher_dir, corpus, tmp_path, refere
     monkeypatch.setattr(
         teacher, "capture_batch", lambda head, ids, *a: calls.append(ids.shape[0]) or original(head, ids, *a)
     )
-    assert run_cli("teacher-cache", *cache_args(teacher_dir, corpus, out)).exit_code == 0
+    result = run_cli("teacher-cache", *cache_args(teacher_dir, corpus, out))
+    assert result.exit_code == 0 and "resumed after 960 cached tokens" in result.output
     assert sum(calls) == read_manifest(out).shards[2].rows  # only the third shard was computed
     assert cache_files(out) == reference
 
