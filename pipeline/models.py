@@ -150,6 +150,11 @@ def load_teacher(source: Source, dtype: torch.dtype, device: torch.device) -> nn
         kwargs["device_map"] = "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except ImportError as exc:  # e.g. a GGUF file needs the gguf and accelerate packages
+        raise SourceNotFoundError(
+            f"loading teacher '{source.display}' needs a package that is missing ({exc}); "
+            "install the extra: pip install '.[gguf]'"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _load_error("teacher", source, exc) from None
     if not use_device_map:
