@@ -285,9 +285,9 @@ class LMHead:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.backbone = model.get_decoder()
+        self.backbone = _backbone(model)
         self.head = model.get_output_embeddings()
-        if self.backbone is model or self.head is None:
+        if self.backbone is None or self.head is None:
             raise TeacherError(
                 f"cannot separate the backbone and LM head of {type(model).__name__}; "
                 "use a causal LM with get_decoder() and get_output_embeddings()"
@@ -331,6 +331,19 @@ class LMHead:
                 "teacher pass does not reproduce"
             )
         return difference
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    """The module that maps ids to final hidden states: ``get_decoder()``, else the usual attribute names.
+
+    Whatever is found, :meth:`LMHead.check_parity` confirms it against the model's forward.
+    """
+    candidates = [model.get_decoder() if hasattr(model, "get_decoder") else None]
+    candidates += [getattr(model, name, None) for name in ("model", "transformer", "gpt_neox", "decoder")]
+    for candidate in candidates:
+        if isinstance(candidate, nn.Module) and candidate is not model:
+            return candidate
+    return None
 
 
 def _first_number(config: Any, fields: tuple[str, ...]) -> float | None:
