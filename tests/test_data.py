@@ -87,3 +87,18 @@ def test_unsupported_file_type_is_refused(tmp_path):
     (tmp_path / "data.csvx").write_text("x")
     with pytest.raises(DatasetError):
         open_text_stream(str(tmp_path))
+
+
+def test_arrow_files_are_read(tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({"text": ["first doc", "second doc"]})
+    with pa.OSFile(str(tmp_path / "part.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    assert list(open_text_stream(str(tmp_path / "part.arrow")).documents) == ["first doc", "second doc"]
+
+
+def test_txt_paragraph_mode_splits_on_blank_lines(tmp_path):
+    (tmp_path / "a.txt").write_text("one\nstill one\n\ntwo\n\n\nthree")
+    documents = [d for d in open_text_stream(str(tmp_path / "a.txt"), txt_sample_by="paragraph").documents if d.strip()]
+    assert len(documents) == 3
