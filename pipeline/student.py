@@ -35,7 +35,6 @@ from pipeline.shards import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
 
-OUTPUT_ENTRIES = ("checkpoints", "metrics.jsonl", "training.json", "eval.json")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
