@@ -22,7 +22,8 @@ CACHE ?= caches/demo
 EVAL_CACHE ?= $(CACHE)-heldout
 TOPK ?= 64
 SEQ_LEN ?= 256
-MAX_TOKENS ?= 24576
+# The demo budget applies to the embedded corpus only; your own DATASET is used whole unless you set it.
+MAX_TOKENS ?= $(if $(filter $(DEFAULT_CORPUS)/train.jsonl,$(DATASET)),24576,)
 EVAL_MAX_TOKENS ?= 4096
 TEACHER_BATCH ?= 4
 TEACHER_ARGS ?=
