@@ -130,6 +130,10 @@ def test_pretrained_student_with_weights_is_fine_tuned(train_cache, student_conf
 # ------------------------------------------------------------------ bad input
 
 
+def student_args(cache, student, out) -> list[str]:
+    return ["--cache", str(cache), "--student", str(student), "--out", str(out)]
+
+
 def bad(*args: str) -> str:
     result = run_cli("student-train", *args)
     assert result.exit_code == 1, result.output
@@ -142,12 +146,7 @@ def test_mismatched_tokenizer_is_refused_before_training(
     train_cache, student_config_dir, other_tokenizer_dir, tmp_path
 ):
     message = bad(
-        "--cache",
-        str(train_cache),
-        "--student",
-        str(student_config_dir),
-        "--out",
-        str(tmp_path / "s"),
+        *student_args(train_cache, student_config_dir, tmp_path / "s"),
         "--tokenizer",
         str(other_tokenizer_dir),
     )
@@ -194,12 +193,7 @@ def test_non_empty_output_is_refused(train_cache, student_config_dir, tmp_path):
 
 def test_student_with_too_few_logits_is_refused(train_cache, student_config_dir, tmp_path):
     message = bad(
-        "--cache",
-        str(train_cache),
-        "--student",
-        str(student_config_dir),
-        "--out",
-        str(tmp_path / "s"),
+        *student_args(train_cache, student_config_dir, tmp_path / "s"),
         "--student-config",
         "vocab_size=300",
     )
