@@ -212,6 +212,7 @@ def _write_cache(
             f"; resuming after {done_rows} sequences" if done_rows else "",
         )
         input_device = model.get_input_embeddings().weight.device
+        embedding_rows = model.get_input_embeddings().weight.shape[0]
         chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
         bar = tqdm(
             total=cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None,
@@ -225,6 +226,11 @@ def _write_cache(
         seq_index = done_rows
         checked = False
         for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
+            if int(batch.max()) >= embedding_rows:
+                raise ConfigError(
+                    f"the tokenizer produced id {int(batch.max())}, but the teacher embeds only {embedding_rows} ids; "
+                    "the tokenizer does not belong to this model"
+                )
             input_ids = torch.from_numpy(batch).to(input_device)
             if not checked:
                 head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
@@ -242,6 +248,8 @@ def _write_cache(
         committed = writer.close()
     except BaseException:
         writer.abort()
+        if not writer.shards:  # nothing worth resuming: leave no trace of this pass
+            (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
         raise
     if not committed:
         (out / shards.JOURNAL_NAME).unlink(missing_ok=True)

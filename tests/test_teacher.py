@@ -201,3 +201,20 @@ def test_interrupted_pass_leaves_no_manifest(base, tmp_path, monkeypatch):
     result = run_cli("inspect", str(out))
     assert result.exit_code == 1 and "did not finish" in result.output
     shutil.rmtree(out)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(base, teacher_dir, tokenizer_dir, tmp_path):
+    import shutil as sh
+
+    import torch
+    from conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    small = tmp_path / "small-teacher"
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(100, 32), dtype=torch.float32)
+    model.save_pretrained(str(small))
+    for item in tokenizer_dir.iterdir():
+        sh.copy(item, small / item.name)
+    base[1] = str(small)
+    assert "does not belong to this model" in bad(*base, "--top-k", "4")
+    assert not (tmp_path / "out").exists()
