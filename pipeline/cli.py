@@ -69,6 +69,9 @@ def main(verbose: bool, quiet: bool) -> None:
 @click.option(
     "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True, help="Tokens per shard file."
 )
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code (run only code you trust)."
+)
 @click.option("--out", required=True, help="Cache folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out.")
 @_one_line_errors
@@ -137,6 +140,9 @@ def teacher_cache(**options: Any) -> None:
     flag_value=False,
     default=True,
     help="Skip shard checksums (faster, trusts the files).",
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code (run only code you trust)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")

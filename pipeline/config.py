@@ -33,6 +33,7 @@ class TeacherCacheConfig:
     device: str = "auto"
     batch_size: int = 8
     shard_tokens: int = DEFAULT_SHARD_TOKENS
+    trust_remote_code: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -89,6 +90,7 @@ class StudentTrainConfig:
     log_every: int = 10
     head_chunk: int = 0
     verify: bool = True
+    trust_remote_code: bool = False
     overwrite: bool = False
     resume: bool = False
 

@@ -89,18 +89,23 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
 def _load_error(role: str, source: Source, exc: Exception) -> SourceNotFoundError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = "local" if source.is_local else "Hub"
+    if "trust_remote_code" in str(exc):
+        return SourceNotFoundError(
+            f"{role} '{source.display}' needs to run its own model code; "
+            "pass --trust-remote-code if you trust that code"
+        )
     return SourceNotFoundError(
         f"cannot load {role} from {where} source '{source.display}' ({first_line[:200]}); "
         "check the path or Hub id, and network access for Hub ids"
     )
 
 
-def load_tokenizer(spec: str | Source, role: str = "tokenizer") -> Any:
+def load_tokenizer(spec: str | Source, role: str = "tokenizer", trust_remote_code: bool = False) -> Any:
     """A transformers tokenizer from a folder, a ``.gguf`` file or a Hub id."""
     from transformers import AutoTokenizer
 
     source = spec if isinstance(spec, Source) else resolve_source(spec, role)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
@@ -109,11 +114,11 @@ def load_tokenizer(spec: str | Source, role: str = "tokenizer") -> Any:
         raise _load_error(f"{role} tokenizer", source, exc) from None
 
 
-def load_config(source: Source, role: str) -> Any:
+def load_config(source: Source, role: str, trust_remote_code: bool = False) -> Any:
     """The model config, without loading weights."""
     from transformers import AutoConfig
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
@@ -137,11 +142,13 @@ def max_positions(config: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def load_teacher(source: Source, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_teacher(
+    source: Source, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False
+) -> nn.Module:
     """The teacher in eval mode on ``device`` (``device_map="auto"`` on CUDA when accelerate is present)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     use_device_map = device.type == "cuda" and _has_accelerate()
@@ -228,7 +235,9 @@ def has_weights(folder: Path) -> bool:
     return any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir())
 
 
-def load_student(spec: str, overrides: dict[str, Any], device: torch.device) -> tuple[nn.Module, str]:
+def load_student(
+    spec: str, overrides: dict[str, Any], device: torch.device, trust_remote_code: bool = False
+) -> tuple[nn.Module, str]:
     """The student in fp32 on ``device``, and how it was made (``pretrained`` or ``config``).
 
     A folder (or a ``config.json`` file) without weights builds a fresh model from its
@@ -244,19 +253,19 @@ def load_student(spec: str, overrides: dict[str, Any], device: torch.device) -> 
     if from_config:
         try:
             if path.is_file():
-                config = AutoConfig.from_pretrained(str(path.parent), **{"config_file_name": path.name})
+                config = AutoConfig.from_pretrained(
+                    str(path.parent), config_file_name=path.name, trust_remote_code=trust_remote_code
+                )
             else:
-                config = AutoConfig.from_pretrained(str(path))
+                config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SourceNotFoundError(
-                f"cannot read a model config from '{spec}' ({exc}); give a folder with config.json"
-            ) from None
+            raise _load_error("student config", Source(str(path), None, True, path.name), exc) from None
         for key, value in overrides.items():
             if not hasattr(config, key):
                 raise ConfigError(f"--student-config {key}=...: the {config.model_type} config has no field '{key}'")
             setattr(config, key, value)
         # The config's own dtype (often bf16) would make CPU training crawl: choose fp32.
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
         how = "config"
     else:
         if overrides:
@@ -265,7 +274,9 @@ def load_student(spec: str, overrides: dict[str, Any], device: torch.device) -> 
             )
         source = resolve_source(spec, "student")
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise _load_error("student", source, exc) from None
         how = "pretrained"

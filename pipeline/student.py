@@ -67,7 +67,7 @@ def resolve_student_tokenizer(cfg: StudentTrainConfig, cache: Cache) -> tuple[An
         spec, origin = cfg.student, "the student's Hub repo"
     else:
         spec, origin = str(_cache_tokenizer_dir(cache)), "the cache"
-    tokenizer = models.load_tokenizer(spec, "student")
+    tokenizer = models.load_tokenizer(spec, "student", cfg.trust_remote_code)
     actual = tokenizer_fingerprint(tokenizer)
     if actual != expected:
         raise TokenizerMismatchError(
@@ -196,7 +196,8 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
     resume_from = prepare_student_output(out, cfg)
 
     device = models.pick_device(cfg.device)
-    model, origin = models.load_student(cfg.student, models.parse_overrides(cfg.student_config), device)
+    overrides = models.parse_overrides(cfg.student_config)
+    model, origin = models.load_student(cfg.student, overrides, device, cfg.trust_remote_code)
     width = models.logit_width(model.config)
     if width < cache.manifest.logit_width:
         raise ConfigError(

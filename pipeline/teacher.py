@@ -121,8 +121,8 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
     models.quiet_transformers()
     out = Path(cfg.out)
     teacher_source = models.resolve_source(cfg.teacher, "teacher")
-    tokenizer = models.load_tokenizer(teacher_source, "teacher")
-    config = models.load_config(teacher_source, "teacher")
+    tokenizer = models.load_tokenizer(teacher_source, "teacher", cfg.trust_remote_code)
+    config = models.load_config(teacher_source, "teacher", cfg.trust_remote_code)
     width = models.logit_width(config)
     if cfg.top_k > width:
         raise ConfigError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({width} logits); lower it")
@@ -197,7 +197,7 @@ def _write_cache(
     for sequence in itertools.islice(sequences, done_rows):  # already in committed shards
         hasher.update(sequence)
     try:
-        model = models.load_teacher(teacher_source, dtype, device)
+        model = models.load_teacher(teacher_source, dtype, device, cfg.trust_remote_code)
         head = models.LMHead(model)
         shards.crash_point("teacher-loaded")
         log.info(

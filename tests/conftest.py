@@ -192,6 +192,32 @@ def edit_manifest(cache: Path, change, reseal: bool = True) -> None:
     path.write_bytes(render_manifest(manifest) if reseal else json.dumps(manifest).encode())
 
 
+def with_custom_code(model_dir: Path, dest: Path) -> Path:
+    """A copy of ``model_dir`` whose config maps to Python files inside it, as custom Hub models do."""
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    (dest / "configuration_tinycustom.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class TinyCustomConfig(LlamaConfig):\n    model_type = 'tinycustom'\n"
+    )
+    (dest / "modeling_tinycustom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tinycustom import TinyCustomConfig\n\n\n"
+        "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n"
+    )
+    config = json.loads((dest / "config.json").read_text())
+    config.update(
+        model_type="tinycustom",
+        architectures=["TinyCustomForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+            "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM",
+        },
+    )
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 def run_cli(*args: str):
     from click.testing import CliRunner
 

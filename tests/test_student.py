@@ -209,6 +209,16 @@ def test_unknown_override_and_bad_options(train_cache, student_config_dir, tmp_p
     assert "not both" in bad(*common, "--epochs", "1", "--max-steps", "3")
 
 
+def test_student_with_its_own_code_needs_trust_remote_code(train_cache, student_config_dir, tmp_path):
+    from conftest import with_custom_code
+
+    student = with_custom_code(student_config_dir, tmp_path / "custom-student")
+    common = student_args(train_cache, student, tmp_path / "s")
+    assert "--trust-remote-code" in bad(*common)
+    result = run_cli("student-train", *common, "--max-steps", "1", "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+
+
 def test_missing_student_path_is_refused(train_cache, tmp_path):
     assert "does not exist" in bad(
         "--cache", str(train_cache), "--student", str(tmp_path / "nope/"), "--out", str(tmp_path / "s")

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import LOGIT_WIDTH, make_cache, run_cli
+from conftest import LOGIT_WIDTH, make_cache, run_cli, with_custom_code
 from transformers import AutoModelForCausalLM
 
 import pipeline
@@ -218,3 +218,13 @@ def test_tokenizer_larger_than_the_model_is_refused(base, teacher_dir, tokenizer
     base[1] = str(small)
     assert "does not belong to this model" in bad(*base, "--top-k", "4")
     assert not (tmp_path / "out").exists()
+
+
+def test_models_with_their_own_code_need_trust_remote_code(base, teacher_dir, tmp_path):
+    """A local model folder whose config maps to Python files inside it (as custom Hub models do)."""
+    custom = with_custom_code(teacher_dir, tmp_path / "custom-teacher")
+    base[1] = str(custom)
+    assert "pass --trust-remote-code if you trust that code" in bad(*base, "--top-k", "4")
+    result = run_cli("teacher-cache", *base, "--top-k", "4", "--max-tokens", "32", "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    assert pipeline.open_cache(tmp_path / "out").manifest.raw["teacher"]["model_type"] == "tinycustom"
