@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.errors import DatasetError, SourceNotFoundError
+from pipeline.errors import DatasetError, SourceNotFoundError, first_line
+from pipeline.models import looks_like_path
 
 # File suffix -> the ``datasets`` builder that reads it.
 LOCAL_BUILDERS: dict[str, str] = {
@@ -87,7 +88,7 @@ def open_text_stream(
         display = path.resolve().name
         load_args: tuple[Any, ...] = (builder,)
     else:
-        if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        if looks_like_path(source):
             raise SourceNotFoundError(f"dataset path '{source}' does not exist; check the path")
         builder = "hub"
         kwargs = {"split": split, "streaming": True}
@@ -98,9 +99,8 @@ def open_text_stream(
         records = iter(dataset)
         first = next(records, None)
     except Exception as exc:  # datasets raises its own hierarchy for missing ids, configs and splits
-        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SourceNotFoundError(
-            f"cannot read dataset '{display}' split '{split}' ({message}); check the id, config, split or files"
+            f"cannot read dataset '{display}' split '{split}' ({first_line(exc)}); check the id, config, split or files"
         ) from None
     if first is None:
         raise DatasetError(f"dataset '{display}' split '{split}' is empty; point --dataset at data with text")

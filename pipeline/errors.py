@@ -9,6 +9,12 @@ working.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An underlying library error in one short line, for embedding in one of ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class DistillError(Exception):
     """Base class of every error this package raises on bad input."""
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, SourceNotFoundError, TeacherError
+from pipeline.errors import ConfigError, SourceNotFoundError, TeacherError, first_line
 from pipeline.fingerprint import config_fingerprint, files_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ class Source:
     display: str
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` is meant as a local path rather than a Hub id (``org/name``)."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
 def resolve_source(spec: str, role: str) -> Source:
     """Interpret ``spec`` as a ``.gguf`` file, a local folder or a Hub id."""
     path = Path(spec).expanduser()
@@ -57,8 +62,7 @@ def resolve_source(spec: str, role: str) -> Source:
                 )
             return Source(str(path.parent), path.name, True, path.name)
         return Source(str(path), None, True, path.resolve().name)
-    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
-    if looks_local:
+    if looks_like_path(spec) or spec.endswith(".gguf"):
         raise SourceNotFoundError(f"{role} path '{spec}' does not exist; check the path")
     return Source(spec, None, False, spec)
 
@@ -87,7 +91,6 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def _load_error(role: str, source: Source, exc: Exception) -> SourceNotFoundError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = "local" if source.is_local else "Hub"
     if "trust_remote_code" in str(exc):
         return SourceNotFoundError(
@@ -95,7 +98,7 @@ def _load_error(role: str, source: Source, exc: Exception) -> SourceNotFoundErro
             "pass --trust-remote-code if you trust that code"
         )
     return SourceNotFoundError(
-        f"cannot load {role} from {where} source '{source.display}' ({first_line[:200]}); "
+        f"cannot load {role} from {where} source '{source.display}' ({first_line(exc)}); "
         "check the path or Hub id, and network access for Hub ids"
     )
 

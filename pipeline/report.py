@@ -9,8 +9,7 @@ import numpy as np
 
 from pipeline.cache import open_cache
 from pipeline.errors import CacheError
-from pipeline.fingerprint import sha256_file
-from pipeline.shards import TOKENIZER_DIR, check_shard, iter_shard_rows, read_manifest
+from pipeline.shards import check_shard, iter_shard_rows, read_manifest, tokenizer_file_problems
 
 
 def cache_report(path: str | Path) -> dict[str, Any]:
@@ -55,11 +54,5 @@ def verify_report(path: str | Path, deep: bool = False) -> tuple[list[str], int]
                     rows += 1
         except CacheError as exc:
             problems.append(str(exc))
-    for item in manifest.raw.get("tokenizer", {}).get("files", []):
-        name = Path(str(item.get("name", ""))).name
-        file = cache_dir / TOKENIZER_DIR / name
-        if not file.is_file():
-            problems.append(f"tokenizer file '{name}' is missing")
-        elif sha256_file(file) != item.get("sha256"):
-            problems.append(f"tokenizer file '{name}' fails its checksum")
+    problems += tokenizer_file_problems(cache_dir, manifest)
     return problems, rows if deep else len(manifest.shards)

@@ -256,6 +256,19 @@ def read_journal(cache_dir: Path) -> tuple[dict[str, Any], list[ShardEntry]] | N
         return None
 
 
+def tokenizer_file_problems(cache_dir: Path, manifest: Manifest) -> list[str]:
+    """Each tokenizer file the manifest lists that is missing or fails its sha256."""
+    problems = []
+    for item in manifest.raw.get("tokenizer", {}).get("files", []):
+        name = Path(str(item.get("name", ""))).name
+        path = cache_dir / TOKENIZER_DIR / name
+        if not path.is_file() or path.is_symlink():
+            problems.append(f"tokenizer file '{name}' is missing")
+        elif sha256_file(path) != item.get("sha256"):
+            problems.append(f"tokenizer file '{name}' fails its checksum")
+    return problems
+
+
 class CacheLock:
     """An exclusive ``flock`` on ``CACHE/.lock`` for the length of a teacher pass.
 

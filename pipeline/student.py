@@ -31,7 +31,7 @@ from pipeline.errors import CacheError, ConfigError, OutputExistsError, Tokenize
 from pipeline.evaluate import evaluate, head_chunk_positions
 from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
 from pipeline.losses import distillation_parts, next_token_labels
-from pipeline.shards import TOKENIZER_DIR
+from pipeline.shards import TOKENIZER_DIR, tokenizer_file_problems
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,9 @@ def _cache_tokenizer_dir(cache: Cache) -> Path:
     listed = cache.manifest.raw.get("tokenizer", {}).get("files", [])
     if not folder.is_dir() or not listed:
         raise CacheError(f"the cache has no tokenizer copy and the student '{folder}' brings none; pass --tokenizer")
-    if cache.verify:
-        for item in listed:
-            path = folder / Path(str(item.get("name", ""))).name
-            if not path.is_file() or sha256_file(path) != item.get("sha256"):
-                raise CacheError(
-                    f"tokenizer file '{item.get('name')}' in the cache fails its checksum; the cache is damaged"
-                )
+    problems = tokenizer_file_problems(cache.path, cache.manifest) if cache.verify else []
+    if problems:
+        raise CacheError(f"{problems[0]} in the cache; the cache is damaged")
     return folder
 
 

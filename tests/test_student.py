@@ -223,3 +223,12 @@ def test_missing_student_path_is_refused(train_cache, tmp_path):
     assert "does not exist" in bad(
         "--cache", str(train_cache), "--student", str(tmp_path / "nope/"), "--out", str(tmp_path / "s")
     )
+
+
+def test_damaged_tokenizer_copy_in_the_cache_is_refused(train_cache, student_config_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(train_cache, cache)
+    with open(cache / "tokenizer" / "tokenizer.json", "a") as handle:
+        handle.write(" ")
+    message = bad(*student_args(cache, student_config_dir, tmp_path / "s"))
+    assert "tokenizer file 'tokenizer.json' fails its checksum in the cache" in message
