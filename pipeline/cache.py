@@ -59,8 +59,9 @@ class Cache:
         """
         generator = np.random.default_rng([seed, epoch])
         shard_order = generator.permutation(len(self.manifest.shards))
+        wanted = None if shard_subset is None else set(shard_subset)
         for shard_index in shard_order:
-            if shard_subset is not None and int(shard_index) not in shard_subset:
+            if wanted is not None and int(shard_index) not in wanted:
                 continue
             entry = self.manifest.shards[int(shard_index)]
             rows = [row for _, row in self.shard_rows(entry)]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.cache import stack_rows
-from pipeline.losses import distillation_parts, next_token_labels
+from pipeline.losses import distillation_parts, flatten_targets
 
 if TYPE_CHECKING:
     from pipeline.cache import Cache
@@ -43,14 +43,9 @@ def evaluate(
     rows = iter(cache)
     while batch_rows := [row for _, row in zip(range(batch_size), rows)]:
         batch = stack_rows(batch_rows, device)
-        input_ids = batch["input_ids"]
-        labels = next_token_labels(input_ids).reshape(-1)
-        k = batch["topk_ids"].shape[-1]
-        topk_ids = batch["topk_ids"].reshape(-1, k)
-        topk_logprobs = batch["topk_logprobs"].reshape(-1, k)
-        tail = batch["tail_logmass"].reshape(-1)
+        labels, topk_ids, topk_logprobs, tail = flatten_targets(batch)
         with autocast or nullcontext():
-            hidden = head.hidden_states(input_ids)
+            hidden = head.hidden_states(batch["input_ids"])
         hidden = hidden.reshape(-1, hidden.shape[-1])
         for start in range(0, hidden.shape[0], chunk_positions):
             part = slice(start, start + chunk_positions)

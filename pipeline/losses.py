@@ -205,3 +205,15 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     labels = torch.full_like(input_ids, -100)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
+
+
+def flatten_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of rows as per-position targets: ``labels (N,)``, ``topk_ids (N, k)``,
+    ``topk_logprobs (N, k)``, ``tail_logmass (N,)`` with ``N = B * T``, in row-major order."""
+    k = batch["topk_ids"].shape[-1]
+    return (
+        next_token_labels(batch["input_ids"]).reshape(-1),
+        batch["topk_ids"].reshape(-1, k),
+        batch["topk_logprobs"].reshape(-1, k),
+        batch["tail_logmass"].reshape(-1),
+    )

@@ -30,7 +30,7 @@ from pipeline.config import StudentTrainConfig
 from pipeline.errors import CacheError, ConfigError, OutputExistsError, TokenizerMismatchError
 from pipeline.evaluate import evaluate, head_chunk_positions
 from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.losses import distillation_parts, next_token_labels
+from pipeline.losses import distillation_parts, flatten_targets
 from pipeline.shards import TOKENIZER_DIR, tokenizer_file_problems
 
 log = logging.getLogger(__name__)
@@ -144,12 +144,8 @@ def train_step_loss(
     then flows through the backbone in one backward.
     """
     input_ids = batch["input_ids"]
-    labels = next_token_labels(input_ids).reshape(-1)
     n_batch, seq_len = input_ids.shape
-    k = batch["topk_ids"].shape[-1]
-    topk_ids = batch["topk_ids"].reshape(-1, k)
-    topk_logprobs = batch["topk_logprobs"].reshape(-1, k)
-    tail_logmass = batch["tail_logmass"].reshape(-1)
+    labels, topk_ids, topk_logprobs, tail_logmass = flatten_targets(batch)
     with autocast or nullcontext():
         hidden = head.hidden_states(input_ids)
     flat = hidden.detach().reshape(n_batch * seq_len, -1).requires_grad_(True)
