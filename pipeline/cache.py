@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.codec import SparseRow
-from pipeline.shards import Manifest, ShardEntry, iter_shard_rows, read_manifest
+from pipeline.manifest import Manifest, ShardEntry
+from pipeline.store.reader import iter_shard_rows, read_manifest
 
 
 class Cache:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pipeline.errors import CacheError, ConfigError
-from pipeline.shards import fsync_dir, write_bytes_atomic
+from pipeline.store.atomic import fsync_dir, write_bytes_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"

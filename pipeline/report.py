@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.cache import open_cache
 from pipeline.errors import CacheError
-from pipeline.shards import check_shard, iter_shard_rows, read_manifest, tokenizer_file_problems
+from pipeline.store.reader import check_shard, iter_shard_rows, read_manifest, tokenizer_file_problems
 
 
 def cache_report(path: str | Path) -> dict[str, Any]:

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import shards
 from pipeline.errors import CacheError, OutputExistsError
 from pipeline.fingerprint import sha256_file
 from pipeline.manifest import CHECKSUM_FIELD, MANIFEST_NAME, ShardEntry
+from pipeline.store import journal, layout, reader
 
 log = logging.getLogger(__name__)
 
 # Fields a finished manifest adds to the header: results, not settings.
 RESULT_FIELDS = ("totals", "shards", CHECKSUM_FIELD)
 RESULT_SUBFIELDS = (("dataset", "token_stream_sha256"), ("tokenizer", "files"))
-CACHE_NAMES = (MANIFEST_NAME, shards.RUN_LOG_NAME, shards.JOURNAL_NAME, shards.LOCK_NAME, shards.TOKENIZER_DIR)
+CACHE_NAMES = (MANIFEST_NAME, layout.RUN_LOG_NAME, layout.JOURNAL_NAME, layout.LOCK_NAME, layout.TOKENIZER_DIR)
 
 
 @dataclass
@@ -67,7 +67,7 @@ def is_cache_entry(path: Path) -> bool:
     name = path.name
     return (
         name in CACHE_NAMES
-        or shards.SHARD_PATTERN.fullmatch(name) is not None
+        or layout.SHARD_PATTERN.fullmatch(name) is not None
         or (name.startswith(".") and name.endswith(".tmp"))
     )
 
@@ -95,9 +95,9 @@ def _intact_prefix(out: Path, journaled: list[ShardEntry]) -> list[ShardEntry]:
 def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPlan:
     """Decide between a fresh pass, a resumed one, or nothing to do; tidy the folder accordingly.
 
-    Must run under the folder's :class:`~pipeline.shards.CacheLock`.
+    Must run under the folder's :class:`~pipeline.journal.CacheLock`.
     """
-    entries = [p for p in out.iterdir() if p.name != shards.LOCK_NAME]
+    entries = [p for p in out.iterdir() if p.name != layout.LOCK_NAME]
     strangers = sorted(p.name for p in entries if not is_cache_entry(p))
     if strangers:
         raise OutputExistsError(
@@ -113,7 +113,7 @@ def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPla
             _remove(path)
     if (out / MANIFEST_NAME).exists():
         try:
-            existing = header_of(shards.read_manifest(out).raw)
+            existing = header_of(reader.read_manifest(out).raw)
         except CacheError as exc:
             raise OutputExistsError(
                 f"--out '{out}' holds a damaged cache ({exc}); pass --overwrite to replace it"
@@ -124,26 +124,26 @@ def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPla
                 f"({describe_difference(existing, header)}); "
                 "pass --overwrite to replace it, or choose another folder"
             )
-        (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
+        (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
         return OutputPlan("complete")
-    journal = shards.read_journal(out)
-    if journal is None:
+    found = journal.read_journal(out)
+    if found is None:
         if any(p.exists() for p in entries):
             raise OutputExistsError(
-                f"--out '{out}' holds a partial cache without a readable {shards.JOURNAL_NAME}; "
+                f"--out '{out}' holds a partial cache without a readable {layout.JOURNAL_NAME}; "
                 "pass --overwrite to start afresh"
             )
         return OutputPlan("fresh")
-    recorded, journaled = journal
+    recorded, journaled = found
     if recorded != header:
         raise OutputExistsError(
             f"--out '{out}' holds an unfinished pass of another command ({describe_difference(recorded, header)}); "
             "run that command to finish it, or pass --overwrite to start afresh"
         )
     committed = _intact_prefix(out, journaled)
-    keep = {entry.name for entry in committed} | {shards.JOURNAL_NAME}
+    keep = {entry.name for entry in committed} | {layout.JOURNAL_NAME}
     for path in out.iterdir():
-        if path.name != shards.LOCK_NAME and path.name not in keep:
+        if path.name != layout.LOCK_NAME and path.name not in keep:
             _remove(path)
     if len(committed) < len(journaled):
         log.warning("shard %s is missing or damaged; resuming from it", journaled[len(committed)].name)

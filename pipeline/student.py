@@ -31,7 +31,8 @@ from pipeline.errors import CacheError, ConfigError, OutputExistsError, Tokenize
 from pipeline.evaluate import evaluate, head_chunk_positions
 from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
 from pipeline.losses import distillation_parts, flatten_targets
-from pipeline.shards import TOKENIZER_DIR, tokenizer_file_problems
+from pipeline.store.layout import TOKENIZER_DIR
+from pipeline.store.reader import tokenizer_file_problems
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import codec, models, shards
+from pipeline import codec, models
 from pipeline.capture import capture_topk
 from pipeline.config import TeacherCacheConfig
 from pipeline.data import TextStream, open_text_stream, pack_sequences, tokenize_documents
 from pipeline.errors import ConfigError, DatasetError, OutputExistsError
 from pipeline.fingerprint import TokenStreamHasher, sha256_file, tokenizer_fingerprint
+from pipeline.manifest import ShardEntry
 from pipeline.resume import plan_output
+from pipeline.store import atomic, journal, layout, reader, writer
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,8 @@ def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
     tokenizer.save_pretrained(str(staging))
     files = sorted(p for p in staging.iterdir() if p.is_file())
     listing = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
-    staging.rename(cache_dir / shards.TOKENIZER_DIR)
-    shards.fsync_dir(cache_dir)
+    staging.rename(cache_dir / layout.TOKENIZER_DIR)
+    atomic.fsync_dir(cache_dir)
     return listing
 
 
@@ -138,24 +140,24 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with shards.CacheLock(out):
+        with journal.CacheLock(out):
             plan = plan_output(out, header, cfg.overwrite)
             if plan.action == "complete":
                 log.info("cache %s is already complete for these settings; nothing to do", out)
-                manifest = shards.read_manifest(out)
+                manifest = reader.read_manifest(out)
                 totals = (manifest.sequences, manifest.tokens, len(manifest.shards), manifest.bytes)
                 return CacheSummary(str(out), *totals, seconds=0.0, status="already complete")
             summary = _write_cache(
                 cfg, out, header, plan.committed, stream, teacher_source, tokenizer, width, dtype, device, progress
             )
     except BaseException:
-        if created and not any(p.name != shards.LOCK_NAME for p in out.iterdir()):
+        if created and not any(p.name != layout.LOCK_NAME for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)
         raise
     seconds = time.time() - started
     resumed_tokens = sum(entry.tokens for entry in plan.committed)
     finished = dataclasses.replace(summary, seconds=seconds, resumed_tokens=resumed_tokens)
-    shards.write_run_log(
+    journal.write_run_log(
         out,
         {
             "command": "teacher-cache",
@@ -177,7 +179,7 @@ def _write_cache(
     cfg: TeacherCacheConfig,
     out: Path,
     header: dict[str, Any],
-    committed: list[shards.ShardEntry],
+    committed: list[ShardEntry],
     stream: TextStream,
     teacher_source: models.Source,
     tokenizer: Any,
@@ -187,9 +189,9 @@ def _write_cache(
     progress: bool,
 ) -> CacheSummary:
     """The loop: batch, forward, capture, encode, write; then the tokenizer and the manifest."""
-    shards.write_journal(out, header, committed)
-    writer = shards.ShardWriter(
-        out, cfg.rows_per_shard, committed, on_commit=lambda done: shards.write_journal(out, header, done)
+    journal.write_journal(out, header, committed)
+    shard_writer = writer.ShardWriter(
+        out, cfg.rows_per_shard, committed, on_commit=lambda done: journal.write_journal(out, header, done)
     )
     done_rows = committed[-1].first_seq + committed[-1].rows if committed else 0
     hasher = TokenStreamHasher()
@@ -197,72 +199,73 @@ def _write_cache(
     for sequence in itertools.islice(sequences, done_rows):  # already in committed shards
         hasher.update(sequence)
     try:
-        model = models.load_teacher(teacher_source, dtype, device, cfg.trust_remote_code)
-        head = models.LMHead(model)
-        shards.crash_point("teacher-loaded")
-        log.info(
-            "teacher %s (%d logits) on %s in %s; dataset %s; k=%d, seq_len=%d%s",
-            teacher_source.display,
-            width,
-            device,
-            dtype,
-            stream.display,
-            cfg.top_k,
-            cfg.seq_len,
-            f"; resuming after {done_rows} sequences" if done_rows else "",
-        )
-        input_device = model.get_input_embeddings().weight.device
-        embedding_rows = model.get_input_embeddings().weight.shape[0]
-        chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
-        bar = tqdm(
-            total=cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None,
-            initial=done_rows * cfg.seq_len,
-            unit="tok",
-            unit_scale=True,
-            desc="teacher pass",
-            disable=None if progress else True,
-            mininterval=1.0,
-        )
-        seq_index = done_rows
-        checked = False
-        for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
-            if int(batch.max()) >= embedding_rows:
-                raise ConfigError(
-                    f"the tokenizer produced id {int(batch.max())}, but the teacher embeds only {embedding_rows} ids; "
-                    "the tokenizer does not belong to this model"
-                )
-            input_ids = torch.from_numpy(batch).to(input_device)
-            if not checked:
-                head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
-                checked = True
-            topk_ids, topk_logprobs, tail_logmass = capture_batch(head, input_ids, cfg.top_k, chunk_positions)
-            for row in range(batch.shape[0]):
-                hasher.update(batch[row])
-                frames = codec.encode_row(
-                    codec.SparseRow(batch[row], topk_ids[row], topk_logprobs[row], tail_logmass[row])
-                )
-                writer.add(seq_index, frames, cfg.seq_len)
-                seq_index += 1
-            bar.update(batch.size)
-        bar.close()
-        committed = writer.close()
+        with shard_writer:
+            model = models.load_teacher(teacher_source, dtype, device, cfg.trust_remote_code)
+            head = models.LMHead(model)
+            atomic.crash_point("teacher-loaded")
+            log.info(
+                "teacher %s (%d logits) on %s in %s; dataset %s; k=%d, seq_len=%d%s",
+                teacher_source.display,
+                width,
+                device,
+                dtype,
+                stream.display,
+                cfg.top_k,
+                cfg.seq_len,
+                f"; resuming after {done_rows} sequences" if done_rows else "",
+            )
+            input_device = model.get_input_embeddings().weight.device
+            embedding_rows = model.get_input_embeddings().weight.shape[0]
+            chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
+            bar = tqdm(
+                total=cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None,
+                initial=done_rows * cfg.seq_len,
+                unit="tok",
+                unit_scale=True,
+                desc="teacher pass",
+                disable=None if progress else True,
+                mininterval=1.0,
+            )
+            seq_index = done_rows
+            checked = False
+            for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
+                if int(batch.max()) >= embedding_rows:
+                    raise ConfigError(
+                        f"the tokenizer produced id {int(batch.max())}, "
+                        f"but the teacher embeds only {embedding_rows} ids; "
+                        "the tokenizer does not belong to this model"
+                    )
+                input_ids = torch.from_numpy(batch).to(input_device)
+                if not checked:
+                    head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
+                    checked = True
+                topk_ids, topk_logprobs, tail_logmass = capture_batch(head, input_ids, cfg.top_k, chunk_positions)
+                for row in range(batch.shape[0]):
+                    hasher.update(batch[row])
+                    frames = codec.encode_row(
+                        codec.SparseRow(batch[row], topk_ids[row], topk_logprobs[row], tail_logmass[row])
+                    )
+                    shard_writer.add(seq_index, frames, cfg.seq_len)
+                    seq_index += 1
+                bar.update(batch.size)
+            bar.close()
     except BaseException:
-        writer.abort()
-        if not writer.shards:  # nothing worth resuming: leave no trace of this pass
-            (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
+        if not shard_writer.shards:  # nothing worth resuming: leave no trace of this pass
+            (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
         raise
+    committed = shard_writer.shards
     if not committed:
-        (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
+        (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
         raise DatasetError(
             f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence; "
             "add data or lower --seq-len"
         )
     tokenizer_files = _save_tokenizer(tokenizer, out)
-    shards.crash_point("tokenizer-saved")
+    atomic.crash_point("tokenizer-saved")
     manifest = finish_manifest(header, hasher, committed, tokenizer_files)
-    shards.write_manifest(out, manifest)
-    (out / shards.JOURNAL_NAME).unlink(missing_ok=True)
-    shards.fsync_dir(out)
+    writer.write_manifest(out, manifest)
+    (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
+    atomic.fsync_dir(out)
     totals = manifest["totals"]
     return CacheSummary(str(out), totals["sequences"], totals["tokens"], totals["shards"], totals["bytes"], 0.0)
 
@@ -286,8 +289,8 @@ def cache_header(
     totals, shards); a resumed or repeated pass must find the same header.
     """
     return {
-        "format": shards.FORMAT_NAME,
-        "format_version": shards.FORMAT_VERSION,
+        "format": layout.FORMAT_NAME,
+        "format_version": layout.FORMAT_VERSION,
         "codec": {"name": codec.CODEC_NAME, "version": codec.CODEC_VERSION, "columns": codec.COLUMN_DTYPES},
         "capture": {"strategy": "topk", "k": cfg.top_k, "logprob_temperature": 1.0, "log_base": "e"},
         "position_convention": "row position t holds the teacher's distribution over token t+1",
@@ -322,7 +325,7 @@ def cache_header(
 def finish_manifest(
     header: dict[str, Any],
     hasher: TokenStreamHasher,
-    committed: list[shards.ShardEntry],
+    committed: list[ShardEntry],
     tokenizer_files: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The header plus what the pass produced."""

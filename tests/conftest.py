@@ -184,7 +184,7 @@ def corpus(workdir: Path) -> dict[str, Path]:
 def edit_manifest(cache: Path, change, reseal: bool = True) -> None:
     """Change a cache's manifest; ``reseal`` recomputes its checksum so the change itself is what gets judged."""
     from pipeline.manifest import render_manifest
-    from pipeline.shards import MANIFEST_NAME
+    from pipeline.store.layout import MANIFEST_NAME
 
     path = cache / MANIFEST_NAME
     manifest = json.loads(path.read_text())

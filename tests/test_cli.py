@@ -9,7 +9,7 @@ from conftest import run_cli
 from torch.utils.data import DataLoader
 
 import pipeline
-from pipeline.shards import read_manifest
+from pipeline.store.reader import read_manifest
 
 
 def test_inspect_json_reports_totals(train_cache):

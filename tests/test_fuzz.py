@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import pipeline
 from pipeline.errors import CacheError
 from pipeline.manifest import parse_manifest, render_manifest
-from pipeline.shards import MANIFEST_NAME, read_manifest
+from pipeline.store.layout import MANIFEST_NAME
+from pipeline.store.reader import read_manifest
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -24,7 +24,10 @@ import pipeline
 from pipeline import codec
 from pipeline.errors import CacheError
 from pipeline.report import verify_report
-from pipeline.shards import CRASH_ENV, JOURNAL_NAME, MANIFEST_NAME, RUN_LOG_NAME, CacheLock, read_manifest
+from pipeline.store.atomic import CRASH_ENV
+from pipeline.store.journal import CacheLock
+from pipeline.store.layout import JOURNAL_NAME, MANIFEST_NAME, RUN_LOG_NAME
+from pipeline.store.reader import read_manifest
 
 # 30 rows per shard (three shards, the last partial), record batches of 16 rows inside.
 ARGS = ["--seq-len", "16", "--top-k", "8", "--shard-tokens", "480", "--batch-size", "7"]
@@ -156,7 +159,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
     out = tmp_path / "cache"
     out.mkdir()
     code = (
-        "import os, signal, sys; from pathlib import Path; from pipeline.shards import CacheLock; "
+        "import os, signal, sys; from pathlib import Path; from pipeline.store.journal import CacheLock; "
         f"lock = CacheLock(Path({str(out)!r})).__enter__(); os.kill(os.getpid(), signal.SIGKILL)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
@@ -166,7 +169,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
 
 
 def test_exception_inside_the_writer_commits_nothing(tmp_path):
-    from pipeline.shards import ShardWriter
+    from pipeline.store.writer import ShardWriter
 
     writer = ShardWriter(tmp_path, rows_per_shard=100)
     frames = codec.encode_row(
@@ -321,7 +324,7 @@ def test_no_read_path_unpickles():
 
 
 def test_old_pyarrow_is_refused():
-    from pipeline.shards import check_pyarrow_version
+    from pipeline.store.reader import check_pyarrow_version
 
     with pytest.raises(CacheError, match="CVE-2023-47248"):
         check_pyarrow_version("14.0.0")

@@ -6,7 +6,8 @@ import pytest
 from conftest import edit_manifest
 
 from pipeline.errors import CacheError
-from pipeline.shards import MANIFEST_NAME, check_shard, read_manifest
+from pipeline.store.layout import MANIFEST_NAME
+from pipeline.store.reader import check_shard, read_manifest
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from conftest import LOGIT_WIDTH, make_cache, run_cli, with_custom_code
 from transformers import AutoModelForCausalLM
 
 import pipeline
-from pipeline.shards import MANIFEST_NAME
+from pipeline.store.layout import MANIFEST_NAME
 
 
 def test_stored_topk_matches_the_teacher_recomputed_here(train_cache, teacher_dir):

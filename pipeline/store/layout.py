@@ -1,0 +1,48 @@
+"""Names and the Arrow schema of a cache folder (no I/O).
+
+A cache is a folder::
+
+    manifest.json            written last: its presence means the cache is complete
+    shard-00000.arrow        Arrow IPC *file* format, one row per packed sequence
+    shard-00001.arrow
+    tokenizer/               the teacher's tokenizer files (hashed in the manifest)
+    run.json                 timings and host of the run that wrote it (not hashed)
+    progress.json            only while a pass is unfinished: the journal
+    .lock                    only while a pass runs
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline import codec
+from pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_PATTERN"]
+
+RUN_LOG_NAME = "run.json"
+JOURNAL_NAME = "progress.json"
+LOCK_NAME = ".lock"
+TOKENIZER_DIR = "tokenizer"
+# Rows per Arrow record batch as written; readers accept any count up to the shard's rows.
+RECORD_BATCH_ROWS = 16
+SCHEMA_METADATA = {
+    "distill.format": FORMAT_NAME,
+    "distill.format_version": str(FORMAT_VERSION),
+    "distill.codec": f"{codec.CODEC_NAME}/{codec.CODEC_VERSION}",
+}
+SCHEMA = pa.schema(
+    [
+        pa.field("seq_index", pa.int64(), nullable=False),
+        pa.field("input_ids", pa.binary(), nullable=False),
+        pa.field("topk_ids", pa.binary(), nullable=False),
+        pa.field("topk_logprobs", pa.binary(), nullable=False),
+        pa.field("tail_logmass", pa.binary(), nullable=False),
+    ],
+    metadata=SCHEMA_METADATA,
+)
+
+
+def shard_name(index: int) -> str:
+    """``shard-00042.arrow``: the index zero-padded to at least five digits."""
+    return f"shard-{index:05d}.arrow"

@@ -1,0 +1,136 @@
+"""The shard writer: encoded rows -> numbered Arrow IPC files, each committed by a rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import codec
+from pipeline.fingerprint import sha256_file
+from pipeline.manifest import MANIFEST_NAME, ShardEntry, render_manifest
+from pipeline.store.atomic import crash_point, fsync_dir, write_bytes_atomic
+from pipeline.store.layout import RECORD_BATCH_ROWS, SCHEMA, shard_name
+
+
+class ShardWriter:
+    """Appends encoded rows to numbered shards of ``rows_per_shard`` rows each.
+
+    A context manager: ``with ShardWriter(...) as writer: writer.add(seq_index, frames, n_tokens)``
+    for each row. Leaving the block normally commits the last partial shard; leaving it by an
+    exception drops the shard in progress (committed shards stay). ``shards`` lists what is
+    committed. ``committed`` continues a resumed pass after its shards; ``on_commit(shards)``
+    runs after each shard is renamed into place (the journal).
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        rows_per_shard: int,
+        committed: list[ShardEntry] | None = None,
+        on_commit: Callable[[list[ShardEntry]], None] | None = None,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.rows_per_shard = rows_per_shard
+        self.shards: list[ShardEntry] = list(committed or [])
+        self.on_commit = on_commit
+        self._pending: list[tuple[int, dict[str, bytes]]] = []
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._sink: pa.OSFile | None = None
+        self._rows = 0
+        self._tokens = 0
+        self._first_seq = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def _tmp_path(self) -> Path:
+        return self.cache_dir / f".{shard_name(len(self.shards))}.tmp"
+
+    def add(self, seq_index: int, frames: dict[str, bytes], n_tokens: int) -> None:
+        if self._writer is None:
+            self._sink = pa.OSFile(str(self._tmp_path), "wb")
+            options = pa.ipc.IpcWriteOptions(compression=None)
+            self._writer = pa.ipc.new_file(self._sink, SCHEMA, options=options)
+            self._first_seq = seq_index
+        self._pending.append((seq_index, frames))
+        self._rows += 1
+        self._tokens += n_tokens
+        if len(self._pending) >= RECORD_BATCH_ROWS:
+            self._flush_batch()
+        if self._rows >= self.rows_per_shard:
+            self._commit()
+
+    def _flush_batch(self) -> None:
+        if not self._pending or self._writer is None:
+            return
+        columns = {"seq_index": pa.array([index for index, _ in self._pending], type=pa.int64())}
+        for name in codec.PAYLOAD_COLUMNS:
+            columns[name] = pa.array([frames[name] for _, frames in self._pending], type=pa.binary())
+        self._writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
+        self._pending.clear()
+        self._sink.flush()  # type: ignore[union-attr]
+        crash_point("record-batch")
+
+    def _commit(self) -> None:
+        assert self._writer is not None and self._sink is not None
+        self._flush_batch()
+        self._writer.close()
+        self._sink.flush()
+        os.fsync(self._sink.fileno())
+        self._sink.close()
+        name = shard_name(len(self.shards))
+        tmp = self._tmp_path
+        entry = ShardEntry(
+            name=name,
+            rows=self._rows,
+            tokens=self._tokens,
+            bytes=tmp.stat().st_size,
+            sha256=sha256_file(tmp),
+            first_seq=self._first_seq,
+        )
+        crash_point("shard-before-rename")
+        os.replace(tmp, self.cache_dir / name)
+        fsync_dir(self.cache_dir)
+        crash_point("shard-after-rename")
+        self.shards.append(entry)
+        if self.on_commit is not None:
+            self.on_commit(self.shards)
+        self._writer = None
+        self._sink = None
+        self._rows = 0
+        self._tokens = 0
+
+    def close(self) -> list[ShardEntry]:
+        """Commit the shard in progress, if any; return every committed shard."""
+        if self._writer is not None:
+            self._commit()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard in progress without committing it."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            with contextlib.suppress(Exception):
+                self._sink.close()  # type: ignore[union-attr]
+            self._writer = None
+        self._pending.clear()
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp_path.unlink()
+
+
+def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest (the commit point): sorted keys and its own checksum, so equal inputs give equal bytes."""
+    write_bytes_atomic(cache_dir / MANIFEST_NAME, render_manifest(manifest), crash_name="manifest")
