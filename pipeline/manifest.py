@@ -29,6 +29,8 @@ MAX_SEQ_LEN = 1 << 20
 MAX_K = 1 << 16
 MAX_LOGIT_WIDTH = 1 << 24
 MAX_SHARD_BYTES = 1 << 40
+# Tokenizer fingerprint versions this reader can recompute (see pipeline.fingerprint).
+TOKENIZER_FINGERPRINT_VERSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Manifest:
     k: int
     logit_width: int
     tokenizer_fingerprint: str
+    tokenizer_fingerprint_version: int
     shards: tuple[ShardEntry, ...]
 
     @property
@@ -155,6 +158,10 @@ def parse_manifest(data: bytes) -> Manifest:
     fingerprint = _field(tokenizer, "fingerprint", str, "tokenizer.")
     if not HEX64.fullmatch(fingerprint):
         raise CacheError("manifest: tokenizer.fingerprint is not 64 hex digits")
+    # Caches written before the fingerprint was versioned carry version 1 implicitly.
+    fingerprint_version = 1
+    if "fingerprint_version" in tokenizer:
+        fingerprint_version = _int_in(tokenizer, "fingerprint_version", "tokenizer.", 1, TOKENIZER_FINGERPRINT_VERSIONS)
     shard_items = _field(raw, "shards", list, "")
     if not shard_items:
         raise CacheError("manifest lists no shards; the cache is empty")
@@ -198,5 +205,11 @@ def parse_manifest(data: bytes) -> Manifest:
         if _field(totals, key, int, "totals.") != expected:
             raise CacheError(f"manifest: totals.{key} does not add up (the shards give {expected})")
     return Manifest(
-        raw=raw, seq_len=seq_len, k=k, logit_width=width, tokenizer_fingerprint=fingerprint, shards=tuple(shards)
+        raw=raw,
+        seq_len=seq_len,
+        k=k,
+        logit_width=width,
+        tokenizer_fingerprint=fingerprint,
+        tokenizer_fingerprint_version=fingerprint_version,
+        shards=tuple(shards),
     )
