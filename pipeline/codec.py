@@ -88,27 +88,54 @@ def encode_array(values: np.ndarray, dtype: str, level: int = ZSTD_LEVEL) -> byt
     return compressor.compress(shuffle_bytes(cast))
 
 
+def frame_length(frame: bytes) -> int:
+    """Bytes taken by the zstd frame at the start of ``frame``: header, blocks and checksum.
+
+    Walks the block headers (RFC 8878, section 3.1.1.2) without decompressing anything,
+    so bytes after the frame can be refused. Raises :class:`CacheError` if the blocks run
+    past the end.
+    """
+    try:
+        position = zstandard.frame_header_size(frame)
+        has_checksum = zstandard.get_frame_parameters(frame).has_checksum
+    except zstandard.ZstdError as exc:
+        raise CacheError(f"not a zstd frame ({exc}); the shard is corrupt") from exc
+    while True:
+        if position + 3 > len(frame):
+            raise CacheError("zstd frame is truncated; the shard is corrupt")
+        header = int.from_bytes(frame[position : position + 3], "little")
+        last, block_type, size = header & 1, (header >> 1) & 3, header >> 3
+        if block_type == 3:
+            raise CacheError("zstd frame has a reserved block type; the shard is corrupt")
+        position += 3 + (1 if block_type == 1 else size)  # an RLE block stores one byte
+        if last:
+            return position + (4 if has_checksum else 0)
+
+
 def decode_array(frame: bytes, dtype: str, count: int) -> np.ndarray:
     """Decompress one frame holding exactly ``count`` values of ``dtype``.
 
     The frame's declared size is checked before anything is allocated, and the
     decompressor is capped at the expected size, so a hostile frame cannot make the reader
-    allocate more than the manifest promises.
+    allocate more than the manifest promises. A frame must fill its cell exactly: bytes
+    after it are refused, so equal rows always have equal bytes.
     """
     expected = count * np.dtype(dtype).itemsize
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
-        raise CacheError(f"not a zstd frame ({exc}); the shard is corrupt") from None
+        raise CacheError(f"not a zstd frame ({exc}); the shard is corrupt") from exc
     if declared != expected:
         raise CacheError(
             f"zstd frame declares {declared} bytes where {expected} are expected; "
             "the shard is corrupt or was written with other settings"
         )
+    if frame_length(frame) != len(frame):
+        raise CacheError("zstd frame is followed by extra bytes, or is truncated; the shard is corrupt")
     try:
         raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected)
     except zstandard.ZstdError as exc:
-        raise CacheError(f"zstd frame does not decompress ({exc}); the shard is corrupt") from None
+        raise CacheError(f"zstd frame does not decompress ({exc}); the shard is corrupt") from exc
     if len(raw) != expected:
         raise CacheError(f"zstd frame holds {len(raw)} bytes, expected {expected}")
     return unshuffle_bytes(raw, dtype, count)

@@ -1,5 +1,6 @@
 """Manifest validation and shard integrity checks."""
 
+import json
 import shutil
 
 import pytest
@@ -29,21 +30,60 @@ def test_valid_manifest_reads(train_cache):
         (lambda m: m.update(format_version=99), "version 99 is not supported"),
         (lambda m: m["codec"].update(version=7), "codec shuffle-zstd/7 is not supported"),
         (lambda m: m.pop("seq_len"), "missing field 'seq_len'"),
-        (lambda m: m.update(seq_len="32"), "'seq_len' should be int"),
-        (lambda m: m["shards"].append(dict(m["shards"][0])), "listed twice"),
+        (lambda m: m.update(seq_len="32"), "'seq_len' should be an integer, got a string"),
+        (lambda m: m["shards"].insert(1, dict(m["shards"][0])), "named 'shard-00000.arrow', expected 'shard-00001.arrow'"),
         (lambda m: m["totals"].update(tokens=1), "totals.tokens"),
         (lambda m: m["shards"][0].update(tokens=5), "expected rows x seq_len"),
-        (lambda m: m["shards"][0].update(name="../escape.arrow"), "not of the form"),
+        (lambda m: m["shards"][0].update(name="../escape.arrow"), "expected 'shard-00000.arrow'"),
         (lambda m: m["capture"].update(k=10**9), r"'capture.k' = 1000000000 is outside"),
         (lambda m: m["shards"][1].update(first_seq=0), "starts at sequence 0, expected"),
-        (lambda m: m["tokenizer"].update(fingerprint="x"), "not 64 hex"),
-        (lambda m: m["shards"][0].update(rows=True), "should be int, got bool"),
+        (lambda m: m["tokenizer"].update(fingerprint="x"), "not 64 lowercase hex"),
+        (lambda m: m["shards"][0].update(rows=True), "should be an integer, got a boolean"),
         (lambda m: m.update(shards=[]), "no shards"),
+        (lambda m: m["tokenizer"].update(files="tokenizer.json"), "'tokenizer.files' should be a list"),
+        (lambda m: m["tokenizer"].update(files=["tokenizer.json"]), r"tokenizer.files\[0\] should be an object"),
+        (lambda m: m["tokenizer"]["files"][0].update(name="../../etc/passwd"), "not a plain file name"),
+        (lambda m: m["tokenizer"]["files"][0].update(name=".hidden"), "not a plain file name"),
+        (lambda m: m["tokenizer"]["files"].append(dict(m["tokenizer"]["files"][0])), "listed twice"),
+        (lambda m: m["tokenizer"].update(fingerprint_version=9), "fingerprint_version' = 9 is outside"),
+        (lambda m: m.update(teacher="gemma"), "'teacher' should be an object, got a string"),
+        (lambda m: m.update(dataset=["x"]), "'dataset' should be an object, got a list"),
+        (lambda m: m["dataset"].update(token_stream_sha256=None), "token_stream_sha256' should be a string"),
+        (lambda m: m["teacher"].update(revision=7), "'teacher.revision' should be a string or null"),
+        (lambda m: m["packing"].update(eos_after_document="yes"), "should be true or false"),
+        (lambda m: m.update(compute=None), "'compute' should be an object, got null"),
+        (lambda m: m["codec"].update(columns={"topk_ids": "<u8"}), "codec.columns"),
+        (lambda m: m["capture"].update(logprob_temperature=2.0), "temperature"),
+        (lambda m: (m.update(seq_len=2**18), m["capture"].update(k=256)), "seq_len x k"),
+        (lambda m: m["shards"][0].update(rows=m["rows_per_shard"] - 1), "every shard but the last"),
+        (lambda m: m["totals"].update(bytes=2**64), "does not fit in 64 bits"),
+        (lambda m: m["capture"].update(strategy={"deep": [1]}), "strategy"),
     ],
 )
 def test_malformed_manifests_are_refused_with_a_clear_error(cache_copy, change, message):
     edit_manifest(cache_copy, change)
     with pytest.raises(CacheError, match=message):
+        read_manifest(cache_copy)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_in_the_manifest_are_refused(cache_copy, constant):
+    from pipeline.manifest import CHECKSUM_FIELD, content_checksum
+
+    path = cache_copy / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["packing"]["extra"] = 0.5
+    manifest[CHECKSUM_FIELD] = content_checksum(manifest)  # sealed with a finite placeholder
+    path.write_text(json.dumps(manifest).replace("0.5", constant))
+    with pytest.raises(CacheError, match="finite"):
+        read_manifest(cache_copy)
+
+
+def test_unknown_fields_are_allowed_and_covered_by_the_checksum(cache_copy):
+    edit_manifest(cache_copy, lambda m: m.update(future_field={"any": [1, "two"]}))
+    assert read_manifest(cache_copy).raw["future_field"] == {"any": [1, "two"]}
+    edit_manifest(cache_copy, lambda m: m.update(future_field=2), reseal=False)
+    with pytest.raises(CacheError, match="fails its own checksum"):
         read_manifest(cache_copy)
 
 

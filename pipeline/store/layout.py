@@ -16,9 +16,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline import codec
-from pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN
+from pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, shard_name
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_PATTERN"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name"]
 
 RUN_LOG_NAME = "run.json"
 JOURNAL_NAME = "progress.json"
@@ -41,8 +41,3 @@ SCHEMA = pa.schema(
     ],
     metadata=SCHEMA_METADATA,
 )
-
-
-def shard_name(index: int) -> str:
-    """``shard-00042.arrow``: the index zero-padded to at least five digits."""
-    return f"shard-{index:05d}.arrow"

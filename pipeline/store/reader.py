@@ -5,6 +5,7 @@ A cache may come from another team, so everything here treats it as untrusted in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import codec
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, first_line
 from pipeline.fingerprint import sha256_file
 from pipeline.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_PATTERN, Manifest, ShardEntry, parse_manifest
-from pipeline.store.layout import JOURNAL_NAME, SCHEMA, TOKENIZER_DIR
+from pipeline.store.ipc import inspect_file
+from pipeline.store.layout import JOURNAL_NAME, SCHEMA, SCHEMA_METADATA, TOKENIZER_DIR
 
 # float16 rounding can lift a log-probability of -1e-4 to a hair above 0.
 LOGPROB_SLACK = 1e-3
@@ -75,22 +77,28 @@ def check_shard(cache_dir: Path, entry: ShardEntry) -> None:
         )
 
 
-def iter_shard_rows(
+def iter_shard_frames(
     cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
-) -> Iterator[tuple[int, codec.SparseRow]]:
-    """``(seq_index, row)`` for each row of one shard, decoded; the shard is checked first when ``verify``."""
+) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """``(seq_index, frames)`` for each row of one shard, still encoded; the shard is checked first when ``verify``.
+
+    Before pyarrow loads anything, the file's footer and message headers are read
+    (:func:`pipeline.store.ipc.inspect_file`): no Arrow body compression, no more rows than
+    the manifest's. Record batches are then read zero-copy from a memory map, one at a
+    time, and fully validated. Memory held: the frames of one row, plus pages of the
+    mapped file (the cache's own bytes).
+    """
     check_pyarrow_version()
     if verify:
         check_shard(cache_dir, entry)
     path = shard_path(cache_dir, entry)
+    seen = 0
     try:
         with pa.memory_map(str(path), "r") as source:
+            inspect_file(memoryview(source.read_buffer()), entry.rows)
+            source.seek(0)
             reader = pa.ipc.open_file(source)
-            if not reader.schema.equals(SCHEMA, check_metadata=False):
-                raise CacheError(f"shard '{entry.name}' has an unexpected schema; the cache is damaged")
-            if reader.num_record_batches > entry.rows:
-                raise CacheError(f"shard '{entry.name}' has more record batches than rows; the shard is damaged")
-            seen = 0
+            check_schema(reader.schema, entry.name)
             for batch_index in range(reader.num_record_batches):
                 batch = reader.get_batch(batch_index)
                 # Arrow IPC readers trust the offsets in the file; a hostile file with a valid
@@ -98,39 +106,99 @@ def iter_shard_rows(
                 batch.validate(full=True)
                 if seen + batch.num_rows > entry.rows:
                     raise CacheError(f"shard '{entry.name}' holds more rows than the manifest's {entry.rows}")
+                if any(column.null_count for column in batch.columns):
+                    raise CacheError(f"shard '{entry.name}' has null values; the format has none")
                 seq_index = batch.column("seq_index").to_numpy()
                 payload = {name: batch.column(name) for name in codec.PAYLOAD_COLUMNS}
                 for row in range(batch.num_rows):
                     if int(seq_index[row]) != entry.first_seq + seen:
                         raise CacheError(f"shard '{entry.name}' has rows out of order; the shard is damaged")
-                    frames = {name: payload[name][row].as_py() for name in codec.PAYLOAD_COLUMNS}
-                    decoded = codec.decode_row(frames, manifest.seq_len, manifest.k)
-                    check_row_values(decoded, manifest, entry.name)
-                    yield int(seq_index[row]), decoded
+                    yield int(seq_index[row]), {name: payload[name][row].as_py() for name in codec.PAYLOAD_COLUMNS}
                     seen += 1
     except CacheError:
         raise
     except (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         # pyarrow reports malformed files through several builtin exception types.
-        message = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise CacheError(
-            f"shard '{entry.name}' is not a readable Arrow file ({message}); the shard is damaged"
-        ) from None
+            f"shard '{entry.name}' is not a readable Arrow file ({first_line(exc, 120)}); the shard is damaged"
+        ) from exc
     if seen != entry.rows:
         raise CacheError(f"shard '{entry.name}' holds {seen} rows, the manifest says {entry.rows}")
 
 
+def check_schema(schema: pa.Schema, shard: str) -> None:
+    """The shard's schema must be the format's: same fields, types and nullability, and the format's metadata keys."""
+    if not schema.equals(SCHEMA, check_metadata=False):
+        raise CacheError(f"shard '{shard}' has an unexpected schema; the cache is damaged")
+    metadata = {key.decode("utf-8", "replace"): value for key, value in (schema.metadata or {}).items()}
+    for key, value in SCHEMA_METADATA.items():
+        if metadata.get(key) != value.encode():
+            raise CacheError(f"shard '{shard}' schema metadata '{key}' is not '{value}'; the cache is damaged")
+
+
+def decode_checked_row(frames: dict[str, bytes], manifest: Manifest, shard: str) -> codec.SparseRow:
+    """Decode one row's frames with the manifest's shapes and check every invariant of its values."""
+    try:
+        row = codec.decode_row(frames, manifest.seq_len, manifest.k)
+    except CacheError as exc:
+        raise CacheError(f"shard '{shard}': {exc}") from exc
+    check_row_values(row, manifest, shard)
+    return row
+
+
+def iter_shard_rows(
+    cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
+) -> Iterator[tuple[int, codec.SparseRow]]:
+    """``(seq_index, row)`` for each row of one shard, decoded and checked."""
+    for seq_index, frames in iter_shard_frames(cache_dir, entry, manifest, verify):
+        yield seq_index, decode_checked_row(frames, manifest, entry.name)
+
+
+def mass_tolerance(k: int) -> float:
+    """How far ``log(captured mass + tail mass)`` may stray from 0 in a valid codec-v1 row.
+
+    float16 rounds each log-probability ``l`` by at most ``2**-11 * |l|`` (``2**-25`` below
+    float16's normal range), which moves the total mass by at most ``2**-11`` times the
+    captured entropy, itself at most ``ln(k)``; float32 capture adds far less than ``1e-4``.
+    """
+    return 2.0**-11 * math.log(k + 1) + 1e-4
+
+
+def row_problem(row: codec.SparseRow, logit_width: int) -> str | None:
+    """The first broken invariant of a decoded codec-v1 row, or ``None`` (pure: arrays in, text out).
+
+    Invariants: ids below ``logit_width``; ``k`` distinct captured ids per position,
+    most probable first; log-probabilities finite and at most 0; tails not NaN and at most
+    0 (``-inf`` when nothing is left out); captured mass plus tail mass equal to 1 within
+    :func:`mass_tolerance`.
+    """
+    if row.topk_ids.size and int(row.topk_ids.max()) >= logit_width:
+        return f"a stored id is not below logit_width {logit_width}"
+    if row.input_ids.size and int(row.input_ids.max()) >= logit_width:
+        return f"an input id is not below logit_width {logit_width}"
+    logprobs, tail = row.topk_logprobs, row.tail_logmass
+    if not np.isfinite(logprobs).all() or (logprobs > LOGPROB_SLACK).any():
+        return "a stored log-probability is not finite or is above 0"
+    if np.isnan(tail).any() or (tail > LOGPROB_SLACK).any():
+        return "a tail log-mass is NaN or above 0"
+    if (np.diff(logprobs, axis=1) > 0).any():
+        return "captured log-probabilities are not in most-probable-first order"
+    if (np.diff(np.sort(row.topk_ids, axis=1), axis=1) == 0).any():
+        return "an id is captured twice at one position"
+    peak = logprobs[:, :1].astype(np.float64)
+    captured = peak[:, 0] + np.log(np.exp(logprobs.astype(np.float64) - peak).sum(axis=1))
+    total = np.logaddexp(captured, tail.astype(np.float64))
+    worst = float(np.abs(total).max()) if total.size else 0.0
+    if worst > mass_tolerance(logprobs.shape[1]):
+        return f"captured and tail probability add up to exp({worst:+.3g}), not 1"
+    return None
+
+
 def check_row_values(row: codec.SparseRow, manifest: Manifest, shard: str) -> None:
-    """Check one decoded row: ids below the logit width, log-probabilities finite and at most 0,
-    tails not NaN or positive (``-inf``, nothing left out, is allowed)."""
-    if row.topk_ids.size and int(row.topk_ids.max()) >= manifest.logit_width:
-        raise CacheError(f"shard '{shard}': a stored id is not below logit_width {manifest.logit_width}")
-    if row.input_ids.size and int(row.input_ids.max()) >= manifest.logit_width:
-        raise CacheError(f"shard '{shard}': an input id is not below logit_width {manifest.logit_width}")
-    if not np.isfinite(row.topk_logprobs).all() or (row.topk_logprobs > LOGPROB_SLACK).any():
-        raise CacheError(f"shard '{shard}': a stored log-probability is not finite or is above 0")
-    if np.isnan(row.tail_logmass).any() or (row.tail_logmass > LOGPROB_SLACK).any():
-        raise CacheError(f"shard '{shard}': a tail log-mass is NaN or above 0")
+    """Raise :class:`CacheError` naming the shard if a decoded row breaks an invariant (see :func:`row_problem`)."""
+    problem = row_problem(row, manifest.logit_width)
+    if problem is not None:
+        raise CacheError(f"shard '{shard}': {problem}; the shard is damaged")
 
 
 def tokenizer_file_problems(cache_dir: Path, manifest: Manifest) -> list[str]:
