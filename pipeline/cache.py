@@ -24,30 +24,53 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.codec import SparseRow
+from pipeline.errors import CacheError
+from pipeline.fingerprint import TokenStreamHasher
 from pipeline.manifest import Manifest, ShardEntry
-from pipeline.store.reader import iter_shard_rows, read_manifest
+from pipeline.store.reader import (
+    decode_checked_row,
+    iter_shard_frames,
+    iter_shard_rows,
+    read_manifest,
+    tokenizer_file_problems,
+)
 
 
 class Cache:
     """A validated cache folder. Iterating yields :class:`~pipeline.codec.SparseRow` in order.
 
-    Shards are read one at a time (memory stays bounded by one record batch) and each is
-    checked against its sha256 in the manifest before its first row is returned, unless
-    ``verify=False``.
+    Shards are read one at a time and each is checked against its sha256 in the manifest
+    before its first row is returned, as are the tokenizer files when the cache is opened,
+    unless ``verify=False``. Every decoded row is checked whatever ``verify`` says. A full
+    in-order pass also recomputes the token stream's sha256 and raises at its end if it
+    differs from the manifest's.
+
+    Memory: one shard's encoded frames (at most its size on disk) plus the decoded rows the
+    caller holds; one decoded row is bounded by ``seq_len x k <= 2**23`` entries.
     """
 
     def __init__(self, path: str | Path, verify: bool = True) -> None:
         self.path = Path(path)
         self.verify = verify
         self.manifest: Manifest = read_manifest(self.path)
+        problems = tokenizer_file_problems(self.path, self.manifest) if verify else []
+        if problems:
+            raise CacheError(f"'{self.path}': {problems[0]}; the cache is damaged")
 
     def __len__(self) -> int:
         return self.manifest.sequences
 
     def __iter__(self) -> Iterator[SparseRow]:
+        hasher = TokenStreamHasher()
         for entry in self.manifest.shards:
             for _, row in self.shard_rows(entry):
+                hasher.update(row.input_ids)
                 yield row
+        if self.verify and hasher.hexdigest() != self.manifest.token_stream_sha256:
+            raise CacheError(
+                f"'{self.path}': the rows' token stream hashes to {hasher.hexdigest()[:12]}, the manifest says "
+                f"{self.manifest.token_stream_sha256[:12]}; the cache is damaged"
+            )
 
     def shard_rows(self, entry: ShardEntry) -> Iterator[tuple[int, SparseRow]]:
         """``(seq_index, row)`` pairs of one shard."""
@@ -56,7 +79,8 @@ class Cache:
     def shuffled_rows(self, seed: int, epoch: int = 0, shard_subset: list[int] | None = None) -> Iterator[SparseRow]:
         """Rows in a seeded order: shards in a random order, rows shuffled within each shard.
 
-        Memory holds one shard's rows at a time. The order depends only on ``(seed, epoch)``.
+        Memory holds one shard's encoded frames at a time; a row is decoded (and checked)
+        only when it is yielded. The order depends only on ``(seed, epoch)``.
         """
         generator = np.random.default_rng([seed, epoch])
         shard_order = generator.permutation(len(self.manifest.shards))
@@ -65,9 +89,9 @@ class Cache:
             if wanted is not None and int(shard_index) not in wanted:
                 continue
             entry = self.manifest.shards[int(shard_index)]
-            rows = [row for _, row in self.shard_rows(entry)]
-            for row_index in generator.permutation(len(rows)):
-                yield rows[int(row_index)]
+            frames = [row for _, row in iter_shard_frames(self.path, entry, self.manifest, verify=self.verify)]
+            for row_index in generator.permutation(len(frames)):
+                yield decode_checked_row(frames[int(row_index)], self.manifest, entry.name)
 
 
 def open_cache(path: str | Path, verify: bool = True) -> Cache:

@@ -202,13 +202,22 @@ def check_row_values(row: codec.SparseRow, manifest: Manifest, shard: str) -> No
 
 
 def tokenizer_file_problems(cache_dir: Path, manifest: Manifest) -> list[str]:
-    """Each tokenizer file the manifest lists that is missing or fails its sha256."""
+    """Each problem with the cache's ``tokenizer/`` copy: the folder a symlink, or a listed file
+    missing, not a regular file (a symlink counts as missing), of another size, or failing its sha256."""
+    folder = cache_dir / TOKENIZER_DIR
+    if not manifest.tokenizer_files:
+        return []
+    if folder.is_symlink() or not folder.is_dir():
+        return [f"the cache's '{TOKENIZER_DIR}' folder is missing or is a symlink"]
     problems = []
-    for item in manifest.raw.get("tokenizer", {}).get("files", []):
-        name = Path(str(item.get("name", ""))).name
-        path = cache_dir / TOKENIZER_DIR / name
-        if not path.is_file() or path.is_symlink():
-            problems.append(f"tokenizer file '{name}' is missing")
-        elif sha256_file(path) != item.get("sha256"):
-            problems.append(f"tokenizer file '{name}' fails its checksum")
+    for item in manifest.tokenizer_files:
+        path = folder / item.name
+        if path.is_symlink() or not path.is_file():
+            problems.append(f"tokenizer file '{item.name}' is missing or not a regular file")
+        elif path.stat().st_size != item.bytes:
+            problems.append(
+                f"tokenizer file '{item.name}' has {path.stat().st_size} bytes, the manifest says {item.bytes}"
+            )
+        elif sha256_file(path) != item.sha256:
+            problems.append(f"tokenizer file '{item.name}' fails its checksum")
     return problems
