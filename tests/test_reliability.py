@@ -301,7 +301,7 @@ def test_small_frame_inflating_to_512_mib_is_refused_under_a_memory_cap():
 )
 def test_shard_names_that_escape_are_refused(cache_copy, name):
     edit_manifest(cache_copy, lambda m: m["shards"][0].update(name=name))
-    with pytest.raises(CacheError, match="expected 'shard-00000.arrow'"):
+    with pytest.raises(CacheError, match=r"expected 'shard-00000\.arrow'"):
         read_manifest(cache_copy)
 
 
