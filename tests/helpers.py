@@ -88,3 +88,175 @@ def child_peak_rss(code: str, timeout: float = 120) -> tuple[int, str]:
     assert peak, f"child failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     kib = int(peak[-1].split()[1])
     return kib * (1024 if sys.platform != "darwin" else 1), result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+WRONG_VALUES: list = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**31,
+    2**62,
+    -(2**62),
+    0.5,
+    -1e300,
+    "",
+    "x" * 300,
+    "../../etc/passwd",
+    "shard-00000.arrow",
+    [],
+    [None],
+    [{}],
+    {},
+    {"name": 1},
+]
+
+
+def manifest_paths(value, prefix: tuple = ()) -> list[tuple]:
+    """Every path into a JSON value (objects by key, lists by index), containers included."""
+    paths = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            paths += manifest_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value[:2]):
+            paths += manifest_paths(item, (*prefix, index))
+    return paths
+
+
+def set_path(manifest: dict, path: tuple, value) -> dict:
+    """A deep copy of ``manifest`` with ``value`` at ``path``."""
+    mutated = json.loads(json.dumps(manifest))
+    target = mutated
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return mutated
+
+
+def read_everything(cache: Path) -> int:
+    """What a user's commands do with a cache: open it, read every row, verify deeply, inspect it."""
+    from pipeline.report import cache_report, verify_report
+
+    rows = sum(1 for _ in pipeline_open(cache))
+    verify_report(cache, deep=True)
+    cache_report(cache)
+    return rows
+
+
+def pipeline_open(cache: Path):
+    import pipeline
+
+    return pipeline.open_cache(cache)
+
+
+COLUMN_TYPES = [pa.int32(), pa.int64(), pa.string(), pa.large_binary(), pa.binary(4), pa.float64(), pa.list_(pa.int8())]
+
+
+def _column_of(kind: pa.DataType, rows: int, rng) -> pa.Array:
+    if pa.types.is_integer(kind):
+        return pa.array([rng.randrange(-(2**31), 2**31) for _ in range(rows)], kind)
+    if pa.types.is_floating(kind):
+        return pa.array([rng.random() for _ in range(rows)], kind)
+    if pa.types.is_list(kind):
+        return pa.array([[1, 2]] * rows, kind)
+    if pa.types.is_fixed_size_binary(kind):
+        return pa.array([b"\0" * kind.byte_width] * rows, kind)
+    if pa.types.is_string(kind):
+        return pa.array(["x"] * rows, kind)
+    return pa.array([b"\0"] * rows, kind)
+
+
+def forged_frame(rng, original: bytes) -> bytes:
+    """A frame that is wrong in one of the ways a reader must survive."""
+    import zstandard
+
+    choice = rng.randrange(6)
+    if choice == 0:
+        return b""
+    if choice == 1:
+        return original[: rng.randrange(max(1, len(original)))]
+    if choice == 2:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+    if choice == 3:  # a valid frame of another size
+        return zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * rng.choice([0, 4, 1 << 20]))
+    if choice == 4:
+        return original + bytes(rng.randrange(1, 9))
+    return zstandard.ZstdCompressor(write_content_size=True).compress(
+        bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096)))
+    )
+
+
+def fuzz_case(cache: Path, rng) -> None:
+    """Mutate ``cache`` in one random way (resealing hashes so only the reader's checks remain), then read it.
+
+    Raises whatever the reader raises; the caller restores the cache afterwards.
+    """
+    manifest = json.loads((cache / MANIFEST_NAME).read_text())
+    kind = rng.randrange(4)
+    if kind == 0:  # a manifest field of the wrong type or value, resealed
+        path = rng.choice(manifest_paths(manifest))
+        value = rng.choice(
+            [*WRONG_VALUES, rng.randrange(-(2**40), 2**40), "".join(rng.choice("ab0.-/") for _ in range(8))]
+        )
+        (cache / MANIFEST_NAME).write_bytes(render_manifest(set_path(manifest, path, value)))
+    else:
+        index = rng.randrange(len(manifest["shards"]))
+        shard = cache / manifest["shards"][index]["name"]
+        data = shard.read_bytes()
+        if kind == 1:  # random bytes substituted
+            mutable = bytearray(data)
+            start = rng.randrange(len(mutable))
+            mutable[start : start + rng.randrange(1, 9)] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+            shard.write_bytes(bytes(mutable))
+        else:
+            table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+            name = rng.choice(table.column_names)
+            if kind == 2:  # a column of the wrong type
+                column = _column_of(rng.choice(COLUMN_TYPES), table.num_rows, rng)
+                fields = [pa.field(f.name, column.type if f.name == name else f.type) for f in SCHEMA]
+                table = pa.table({**{n: table.column(n) for n in table.column_names}, name: column}, pa.schema(fields))
+            else:  # a frame or a seq_index of the wrong size or value
+                values = table.column(name).to_pylist()
+                row = rng.randrange(len(values))
+                if name == "seq_index":
+                    values[row] = rng.choice([-1, values[row] + 1, 2**62, values[0]])
+                else:
+                    values[row] = forged_frame(rng, values[row])
+                table = table.set_column(
+                    table.column_names.index(name), SCHEMA.field(name), pa.array(values, SCHEMA.field(name).type)
+                )
+            write_table(shard, table.replace_schema_metadata(SCHEMA.metadata))
+        reseal_shard(cache, index)
+    read_everything(cache)
+
+
+def fuzz_campaign(cache: Path, cases: int, seed: int) -> dict[str, int]:
+    """Run ``cases`` random forgeries on ``cache`` (restored after each); count the outcomes by kind.
+
+    Allowed outcomes are ``accepted`` and ``CacheError``; anything else is a defect.
+    """
+    import random
+    import traceback
+
+    from pipeline.errors import CacheError
+
+    rng = random.Random(seed)
+    originals = {path: path.read_bytes() for path in cache.iterdir() if path.is_file()}
+    outcomes: dict[str, int] = {}
+    for _ in range(cases):
+        try:
+            fuzz_case(cache, rng)
+            outcome = "accepted"
+        except CacheError:
+            outcome = "CacheError"
+        except Exception as exc:  # a defect: recorded with where it happened
+            outcome = f"{type(exc).__name__}: {traceback.format_exc(limit=-1).strip().splitlines()[-3:]}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        for path, payload in originals.items():
+            path.write_bytes(payload)
+    return outcomes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -118,3 +119,83 @@ def test_mutated_shards_with_matching_hashes_raise_only_cache_errors(
     except CacheError:
         pass
     shutil.rmtree(folder.parent)
+
+
+# ------------------------------------------------------------ resealed manifests and forged columns
+
+
+@pytest.fixture(scope="module")
+def small_cache(teacher_dir, corpus, tmp_path_factory):
+    """Two shards of a few rows: cheap to read thousands of times."""
+    from conftest import make_cache
+
+    out = tmp_path_factory.mktemp("fuzz-small") / "cache"
+    return make_cache(
+        teacher_dir,
+        corpus["heldout"],
+        out,
+        "--seq-len",
+        "16",
+        "--top-k",
+        "8",
+        "--shard-tokens",
+        "64",
+        "--max-tokens",
+        "128",
+    )
+
+
+def test_every_manifest_field_given_every_wrong_json_type_is_accepted_or_refused_cleanly(small_cache, tmp_path):
+    from helpers import WRONG_VALUES, manifest_paths, read_everything, set_path
+
+    folder = tmp_path / "cache"
+    shutil.copytree(small_cache, folder)
+    original = json.loads((folder / MANIFEST_NAME).read_text())
+    paths = manifest_paths(original)
+    assert len(paths) > 60
+    accepted = 0
+    for path in paths:
+        for value in WRONG_VALUES:
+            payload = render_manifest(set_path(original, path, value))
+            try:
+                parse_manifest(payload)
+            except CacheError:
+                continue
+            (folder / MANIFEST_NAME).write_bytes(payload)
+            try:
+                read_everything(folder)
+                accepted += 1
+            except CacheError:
+                pass
+    # Only fields no reader interprets (names, notes) may take any value.
+    assert 0 < accepted < len(paths) * len(WRONG_VALUES) // 4
+
+
+def test_forged_shard_columns_and_frames_raise_only_cache_errors(small_cache, tmp_path):
+    from helpers import fuzz_campaign
+
+    folder = tmp_path / "cache"
+    shutil.copytree(small_cache, folder)
+    outcomes = fuzz_campaign(folder, cases=150, seed=7)
+    assert set(outcomes) <= {"accepted", "CacheError"}, outcomes
+    assert outcomes.get("CacheError", 0) > 100
+
+
+@pytest.mark.slow
+def test_ten_thousand_forgeries_never_traceback_and_stay_within_the_memory_bound(small_cache, tmp_path):
+    from helpers import child_peak_rss
+
+    folder = tmp_path / "cache"
+    shutil.copytree(small_cache, folder)
+    tests_dir = str(Path(__file__).resolve().parent)
+    peak, output = child_peak_rss(
+        f"import json, sys, pathlib; sys.path.insert(0, {tests_dir!r})\n"
+        "from helpers import fuzz_campaign\n"
+        f"print('OUTCOMES', json.dumps(fuzz_campaign(pathlib.Path({str(folder)!r}), 10_000, seed=2026)))\n",
+        timeout=3000,
+    )
+    outcomes = json.loads(output.split("OUTCOMES ", 1)[1].splitlines()[0])
+    assert set(outcomes) <= {"accepted", "CacheError"}, outcomes
+    assert sum(outcomes.values()) == 10_000
+    baseline, _ = child_peak_rss("import pipeline, pyarrow, zstandard")
+    assert peak - baseline < 256 << 20, f"fuzzing grew memory by {(peak - baseline) >> 20} MiB"
