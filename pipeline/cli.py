@@ -55,6 +55,13 @@ def main(verbose: bool, quiet: bool) -> None:
     show_default=True,
     help="How .txt files split into documents: whole file, blank-line paragraphs, or lines.",
 )
+@click.option(
+    "--txt-encoding-errors",
+    type=click.Choice(["strict", "replace", "skip-file"]),
+    default="strict",
+    show_default=True,
+    help="A .txt file that is not UTF-8: refuse the run, replace bad bytes with U+FFFD, or leave the file out.",
+)
 @click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
 @click.option("--max-tokens", type=int, default=None, help="Stop after this many packed tokens.")
 @click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="Next-token ids kept per position.")
@@ -91,6 +98,12 @@ def teacher_cache(**options: Any) -> None:
         f"{summary.shards} shard(s), {summary.bytes:,} bytes ({summary.bytes_per_token:.1f} bytes/token), "
         f"{summary.seconds:.1f} s ({summary.tokens_per_second:,.0f} tokens/s)"
         + (f"; resumed after {summary.resumed_tokens:,} cached tokens" if summary.resumed_tokens else "")
+        + (
+            f"; skipped {summary.skipped_documents:,} document(s) holding ids the teacher cannot embed"
+            if summary.skipped_documents
+            else ""
+        )
+        + (f"; left out {len(summary.skipped_files)} file(s) that are not UTF-8" if summary.skipped_files else "")
     )
 
 
@@ -144,8 +157,19 @@ def teacher_cache(**options: Any) -> None:
 @click.option(
     "--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code (run only code you trust)."
 )
-@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a previous run in --out: deletes only what student-train wrote there, and refuses a folder "
+    "holding anything else.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the latest checkpoint in --out with the run's settings; only "
+    + ", ".join(StudentTrainConfig.flag(name) for name in StudentTrainConfig.RESUME_MAY_CHANGE)
+    + " may differ (a new --max-steps or --epochs changes the learning-rate schedule from there on).",
+)
 @_one_line_errors
 def student_train(student_config: tuple[str, ...], **options: Any) -> None:
     """Train a student from a cache, without loading the teacher."""

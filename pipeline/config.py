@@ -26,6 +26,7 @@ class TeacherCacheConfig:
     split: str = "train"
     text_column: str = "text"
     txt_sample_by: Literal["document", "paragraph", "line"] = "document"
+    txt_encoding_errors: Literal["strict", "replace", "skip-file"] = "strict"
     seq_len: int = DEFAULT_SEQ_LEN
     max_tokens: int | None = None
     top_k: int = DEFAULT_TOP_K
@@ -51,6 +52,10 @@ class TeacherCacheConfig:
             raise ConfigError(f"--shard-tokens {self.shard_tokens} must be at least 1")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device {self.device} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.txt_encoding_errors not in ("strict", "replace", "skip-file"):
+            raise ConfigError(
+                f"--txt-encoding-errors {self.txt_encoding_errors} is not one of strict, replace, skip-file"
+            )
 
     @property
     def max_sequences(self) -> int | None:
@@ -67,6 +72,25 @@ class TeacherCacheConfig:
 @dataclass(frozen=True)
 class StudentTrainConfig:
     """``distill student-train``."""
+
+    # Settings ``--resume`` may change; every other one must equal the checkpoint's. A new
+    # --max-steps/--epochs changes the learning-rate schedule from there on (a warning
+    # says so); --cache may move (its manifest must be the same); --out is where the
+    # checkpoint was found; the rest do not change what is learned.
+    RESUME_MAY_CHANGE = (
+        "max_steps",
+        "epochs",
+        "save_every",
+        "log_every",
+        "device",
+        "eval_cache",
+        "verify",
+        "head_chunk",
+        "cache",
+        "out",
+        "resume",
+        "overwrite",
+    )
 
     cache: str
     student: str
@@ -115,8 +139,19 @@ class StudentTrainConfig:
             raise ConfigError("--max-grad-norm must be at least 0 (0 disables clipping)")
         if self.save_every < 0 or self.log_every < 1:
             raise ConfigError("--save-every must be >= 0 and --log-every >= 1")
+        if self.head_chunk < 0:
+            raise ConfigError(f"--head-chunk {self.head_chunk} must be at least 0 (0 picks it from the vocabulary)")
+        if self.seed < 0:
+            raise ConfigError(f"--seed {self.seed} must be at least 0")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device {self.device} is not one of auto, cpu, cuda, cuda:N, mps")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume contradict each other; pick one")
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The command-line flag that sets field ``name`` (``seed`` -> ``--seed``, ``verify`` -> ``--no-verify``)."""
+        return "--no-verify" if name == "verify" else "--" + name.replace("_", "-")
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)

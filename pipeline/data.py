@@ -9,7 +9,9 @@ sequence.
 
 from __future__ import annotations
 
+import codecs
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,12 @@ LOCAL_BUILDERS: dict[str, str] = {
     ".arrow": "arrow",
 }
 TxtSampleBy = Literal["document", "paragraph", "line"]
+TxtEncodingErrors = Literal["strict", "replace", "skip-file"]
 TOKENIZE_BATCH = 64
+# Bytes read at a time when checking that a text file is UTF-8.
+UTF8_CHECK_BLOCK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,14 @@ class TextStream:
     documents: Iterable[str]
     display: str
     builder: str
+    skipped_files: tuple[str, ...] = ()  # text files left out as not UTF-8 (--txt-encoding-errors skip-file)
+
+
+@dataclass
+class SkippedDocuments:
+    """A running count of the documents a filter left out of the token stream."""
+
+    count: int = 0
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -54,21 +69,88 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def first_invalid_utf8(path: Path, block_size: int = UTF8_CHECK_BLOCK) -> int | None:
+    """Byte offset of the first byte of ``path`` that is not valid UTF-8, or ``None`` if all of it is.
+
+    Decodes ``block_size`` bytes at a time with an incremental decoder, so memory stays
+    small whatever the file's size.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    fed = 0  # bytes handed to the decoder before this block
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(block_size)
+            pending = len(decoder.getstate()[0])  # an incomplete character carried over from the last block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                return fed - pending + exc.start
+            if not block:
+                return None
+            fed += len(block)
+
+
+def _utf8_text_files(files: list[Path], root: Path, policy: TxtEncodingErrors) -> tuple[list[Path], list[str]]:
+    """The files to read under ``policy``, and the names of those left out; ``strict`` fails on the first bad one."""
+    keep: list[Path] = []
+    skipped: list[str] = []
+    for path in files:
+        try:
+            offset = first_invalid_utf8(path)
+        except OSError as exc:
+            raise DatasetError(f"cannot read dataset file '{path}' ({exc.strerror}); check its permissions") from exc
+        if offset is None:
+            keep.append(path)
+        elif policy == "strict":
+            raise DatasetError(
+                f"dataset file '{path}' is not valid UTF-8 (byte {offset}); convert it to UTF-8, or pass "
+                "--txt-encoding-errors replace (bad bytes become U+FFFD) or skip-file (leave such files out)"
+            )
+        else:
+            skipped.append(_relative_name(path, root))
+    if skipped:
+        log.warning(
+            "left out %d file(s) that are not valid UTF-8 (--txt-encoding-errors skip-file): %s",
+            len(skipped),
+            ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""),
+        )
+    if not keep:
+        raise DatasetError(
+            f"no file of dataset '{root}' is valid UTF-8; convert the files, or pass --txt-encoding-errors replace"
+        )
+    return keep, skipped
+
+
+def _relative_name(path: Path, root: Path) -> str:
+    return path.name if root.is_file() else str(path.relative_to(root))
+
+
 def open_text_stream(
     source: str,
     config: str | None = None,
     split: str = "train",
     text_column: str = "text",
     txt_sample_by: TxtSampleBy = "document",
+    txt_encoding_errors: TxtEncodingErrors = "strict",
 ) -> TextStream:
     """Stream the ``text_column`` of a Hub dataset or of local files.
 
-    The first record is read here, so a missing column or an empty dataset fails before
-    any model is loaded.
+    Local text files (``.txt``, ``.text``, ``.md``) are checked to be UTF-8 here, before
+    anything else runs: ``strict`` refuses a file that is not, naming it and the byte;
+    ``skip-file`` leaves such files out (``TextStream.skipped_files``); ``replace`` reads
+    them with bad bytes replaced by U+FFFD. The first record is read here, so a missing
+    column or an empty dataset fails before any model is loaded. Any error the dataset
+    library raises later, while the documents are iterated, becomes a :class:`DatasetError`
+    naming the dataset and, for local files, the file.
     """
     from datasets import load_dataset
+    from datasets.utils import logging as datasets_logging
 
+    # Its error logs repeat the exception that we turn into one line of our own.
+    datasets_logging.set_verbosity(logging.CRITICAL)
     path = Path(source).expanduser()
+    files: list[Path] = []
+    skipped: list[str] = []
     if path.exists():
         files = _local_files(path)
         builders = {LOCAL_BUILDERS.get(p.suffix) for p in files}
@@ -81,10 +163,15 @@ def open_text_stream(
         builder = builders.pop()
         if all(p.stat().st_size == 0 for p in files):
             raise DatasetError(f"dataset '{source}' is empty; point --dataset at data with text")
-        kwargs: dict[str, Any] = {"data_files": {split: [str(p) for p in files]}, "split": split, "streaming": True}
+        kwargs: dict[str, Any] = {"split": split, "streaming": True}
         if builder == "text":
             # datasets' text loader yields one row per line unless told otherwise.
             kwargs["sample_by"] = txt_sample_by
+            if txt_encoding_errors == "replace":
+                kwargs["encoding_errors"] = "replace"
+            else:
+                files, skipped = _utf8_text_files(files, path, txt_encoding_errors)
+        kwargs["data_files"] = {split: [str(p) for p in files]}
         display = path.resolve().name
         load_args: tuple[Any, ...] = (builder,)
     else:
@@ -94,14 +181,17 @@ def open_text_stream(
         kwargs = {"split": split, "streaming": True}
         display = source
         load_args = (source, config) if config else (source,)
+    names = [_relative_name(p, path) for p in files]
     try:
         dataset = load_dataset(*load_args, **kwargs)
-        records = iter(dataset)
+        records = _records(dataset, display, names)
         first = next(records, None)
+    except DatasetError:
+        raise
     except Exception as exc:  # datasets raises its own hierarchy for missing ids, configs and splits
         raise SourceNotFoundError(
             f"cannot read dataset '{display}' split '{split}' ({first_line(exc)}); check the id, config, split or files"
-        ) from None
+        ) from exc
     if first is None:
         raise DatasetError(f"dataset '{display}' split '{split}' is empty; point --dataset at data with text")
     if text_column not in first:
@@ -110,7 +200,43 @@ def open_text_stream(
             "pick one with --text-column"
         )
     documents = (_text_of(record, text_column) for record in itertools.chain([first], records))
-    return TextStream(documents=documents, display=display, builder=builder)
+    return TextStream(documents=documents, display=display, builder=builder, skipped_files=tuple(skipped))
+
+
+def _per_file(dataset: Any, names: list[str]) -> Iterator[tuple[str | None, Any]]:
+    """``(file name, that file's records)`` in order, or the whole dataset once where files cannot be told apart.
+
+    Each file is one shard of a streamed local dataset, read in the same order as the whole.
+    ``shard()`` costs time in proportion to the shards it splits, so the files are halved
+    recursively: O(n log n) in all, where splitting off each file in turn is O(n^2).
+    """
+    if not names or getattr(dataset, "n_shards", None) != len(names):
+        yield None, dataset
+        return
+    if len(names) == 1:
+        yield names[0], dataset
+        return
+    first = dataset.shard(2, 0, contiguous=True)
+    yield from _per_file(first, names[: first.n_shards])
+    yield from _per_file(dataset.shard(2, 1, contiguous=True), names[first.n_shards :])
+
+
+def _records(dataset: Any, display: str, names: list[str]) -> Iterator[dict[str, Any]]:
+    """The dataset's records in order; a read error becomes a :class:`DatasetError` naming the file if known."""
+    for name, part in _per_file(dataset, names):
+        iterator = iter(part)
+        while True:
+            try:
+                record = next(iterator)
+            except StopIteration:
+                break
+            except Exception as exc:  # datasets, pyarrow and json raise many unrelated types
+                where = f"file '{name}' of dataset '{display}'" if name else f"dataset '{display}'"
+                raise DatasetError(
+                    f"cannot read {where} ({first_line(exc)}); fix or remove the damaged data, "
+                    "then run the same command again"
+                ) from exc
+            yield record
 
 
 def _text_of(record: dict[str, Any], column: str) -> str:
@@ -137,6 +263,21 @@ def tokenize_documents(
         encoded = tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]
         for ids in encoded:
             yield list(ids) + ([eos] if eos is not None else [])
+
+
+def skip_documents_with_ids_from(
+    token_lists: Iterable[list[int]], limit: int | None, skipped: SkippedDocuments
+) -> Iterator[list[int]]:
+    """Drop every document holding an id ``>= limit`` (one the teacher cannot embed), counting it in ``skipped``.
+
+    ``limit=None`` passes everything through. The decision depends on the document alone,
+    so a resumed pass skips exactly the documents an uninterrupted one skips.
+    """
+    for ids in token_lists:
+        if limit is not None and ids and max(ids) >= limit:
+            skipped.count += 1
+            continue
+        yield ids
 
 
 def pack_sequences(

@@ -41,6 +41,9 @@ PACKING_FIELDS: dict[str, type] = {
     "cross_document_attention": bool,
     "trailing_partial_sequence": str,
     "txt_sample_by": str,
+    "txt_encoding_errors": str,
+    "unembeddable_ids": str,
+    "embedding_rows": int,
 }
 # Tokenizer fingerprint versions this reader can recompute (see pipeline.fingerprint).
 TOKENIZER_FINGERPRINT_VERSIONS = 2

@@ -62,14 +62,19 @@ def describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> str:
     return "; ".join(parts) + more
 
 
+def _is_cache_name(name: str) -> bool:
+    return name in CACHE_NAMES or layout.SHARD_PATTERN.fullmatch(name) is not None
+
+
+def is_temporary_entry(path: Path) -> bool:
+    """Whether ``path`` is the temporary name a cache file is written under (``.shard-00003.arrow.tmp``)."""
+    name = path.name
+    return name.startswith(".") and name.endswith(".tmp") and _is_cache_name(name[1:-4])
+
+
 def is_cache_entry(path: Path) -> bool:
     """Whether ``path`` is something a teacher pass writes (so ``--overwrite`` may delete it)."""
-    name = path.name
-    return (
-        name in CACHE_NAMES
-        or layout.SHARD_PATTERN.fullmatch(name) is not None
-        or (name.startswith(".") and name.endswith(".tmp"))
-    )
+    return _is_cache_name(path.name) or is_temporary_entry(path)
 
 
 def _remove(path: Path) -> None:
@@ -104,12 +109,20 @@ def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPla
             f"--out '{out}' holds files that are not part of a cache ({', '.join(strangers[:3])}); "
             "choose an empty or new folder"
         )
+    # A pass writes its journal before anything else and deletes it only after the
+    # manifest, so cache-named files without either were not left by a pass: not ours to delete.
+    lasting = sorted(p.name for p in entries if not is_temporary_entry(p))
+    if lasting and not (out / MANIFEST_NAME).exists() and not (out / layout.JOURNAL_NAME).exists():
+        raise OutputExistsError(
+            f"--out '{out}' holds {', '.join(lasting[:3])} but no {MANIFEST_NAME} or {layout.JOURNAL_NAME}, "
+            "so no teacher pass left them; move them away or choose another folder"
+        )
     if overwrite:
         for path in entries:
             _remove(path)
         return OutputPlan("fresh")
     for path in entries:  # temporary files of an interrupted write are never worth keeping
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
+        if is_temporary_entry(path):
             _remove(path)
     if (out / MANIFEST_NAME).exists():
         try:
@@ -117,7 +130,7 @@ def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPla
         except CacheError as exc:
             raise OutputExistsError(
                 f"--out '{out}' holds a damaged cache ({exc}); pass --overwrite to replace it"
-            ) from None
+            ) from exc
         if existing != header:
             raise OutputExistsError(
                 f"--out '{out}' holds a finished cache made with other settings "

@@ -3,13 +3,25 @@
 The loop reads top to bottom: batch, forward (backbone once, LM head a chunk of
 positions at a time so full-vocabulary logits never exist for the whole batch and never
 leave the device), capture, encode, write. The manifest is written last.
+
+Everything that can be checked is checked before the teacher loads or a shard is
+written: the paths (``--out`` local, not overlapping ``--dataset`` or ``--teacher``),
+the dataset's text encoding, and whether the teacher can embed every id its tokenizer
+produces. A teacher with fewer embedding rows than tokenizer ids (Llama 3: 128,256 rows,
+128,257 ids) cannot run a document holding one of the extra ids; such documents are
+skipped, deterministically (so a resumed pass skips the same ones), the policy is
+recorded in the manifest's ``packing`` section and the count in ``run.json``. A
+tokenizer whose ordinary vocabulary is larger than the embedding, or whose BOS/EOS is
+beyond it, does not belong to the teacher and is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -23,12 +35,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import codec, models
+from pipeline import codec, models, paths
 from pipeline.capture import capture_topk
 from pipeline.config import TeacherCacheConfig
-from pipeline.data import TextStream, open_text_stream, pack_sequences, tokenize_documents
+from pipeline.data import (
+    SkippedDocuments,
+    TextStream,
+    open_text_stream,
+    pack_sequences,
+    skip_documents_with_ids_from,
+    tokenize_documents,
+)
 from pipeline.errors import ConfigError, DatasetError, OutputExistsError
-from pipeline.fingerprint import TokenStreamHasher, sha256_file, tokenizer_fingerprint
+from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, TokenStreamHasher, sha256_file, tokenizer_fingerprint
 from pipeline.manifest import ShardEntry
 from pipeline.resume import plan_output
 from pipeline.store import atomic, journal, layout, reader, writer
@@ -51,6 +70,8 @@ class CacheSummary:
     seconds: float
     status: str = "written"  # or "already complete": nothing was run or rewritten
     resumed_tokens: int = 0  # tokens already in the cache when this run started
+    skipped_documents: int = 0  # documents holding ids the teacher cannot embed
+    skipped_files: tuple[str, ...] = ()  # text files left out as not UTF-8
 
     @property
     def bytes_per_token(self) -> float:
@@ -120,8 +141,8 @@ def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
 def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSummary:
     """Run the teacher pass described by ``cfg``, resuming an unfinished one; return what was written."""
     started = time.time()
+    out = _checked_output(cfg)
     models.quiet_transformers()
-    out = Path(cfg.out)
     teacher_source = models.resolve_source(cfg.teacher, "teacher")
     tokenizer = models.load_tokenizer(teacher_source, "teacher", cfg.trust_remote_code)
     config = models.load_config(teacher_source, "teacher", cfg.trust_remote_code)
@@ -131,14 +152,14 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
     limit = models.max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} positions; lower it")
-    stream = open_text_stream(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.txt_sample_by)
+    unembeddable = check_embeddable(tokenizer, width)
+    stream = open_text_stream(
+        cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.txt_sample_by, cfg.txt_encoding_errors
+    )
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
     header = cache_header(cfg, stream.display, teacher_source, config, tokenizer, width, dtype, device)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    new_folders = _make_output_folder(out)
     try:
         with journal.CacheLock(out):
             plan = plan_output(out, header, cfg.overwrite)
@@ -148,15 +169,29 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
                 totals = (manifest.sequences, manifest.tokens, len(manifest.shards), manifest.bytes)
                 return CacheSummary(str(out), *totals, seconds=0.0, status="already complete")
             summary = _write_cache(
-                cfg, out, header, plan.committed, stream, teacher_source, tokenizer, width, dtype, device, progress
+                cfg,
+                out,
+                header,
+                plan.committed,
+                stream,
+                teacher_source,
+                tokenizer,
+                width,
+                width if unembeddable else None,
+                dtype,
+                device,
+                progress,
             )
     except BaseException:
-        if created and not any(p.name != layout.LOCK_NAME for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
+        for folder in reversed(new_folders):  # only folders this run made, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     seconds = time.time() - started
     resumed_tokens = sum(entry.tokens for entry in plan.committed)
-    finished = dataclasses.replace(summary, seconds=seconds, resumed_tokens=resumed_tokens)
+    finished = dataclasses.replace(
+        summary, seconds=seconds, resumed_tokens=resumed_tokens, skipped_files=stream.skipped_files
+    )
     journal.write_run_log(
         out,
         {
@@ -167,12 +202,89 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
             "device": str(device),
             "dtype": str(dtype),
             "resumed_after_sequences": plan.committed[-1].first_seq + plan.committed[-1].rows if plan.committed else 0,
+            "skipped_documents_unembeddable_ids": finished.skipped_documents,
+            "skipped_files_not_utf8": list(stream.skipped_files),
             "started_unix": started,
             "seconds": round(seconds, 3),
             "tokens_per_second": round(finished.tokens_per_second, 2),
         },
     )
     return finished
+
+
+def _checked_output(cfg: TeacherCacheConfig) -> Path:
+    """``--out`` as a local path that overlaps no input; refused before anything is created."""
+    if not cfg.out.strip():
+        raise ConfigError("--out is empty; give the cache folder's path")
+    paths.reject_url(cfg.out, "--out")
+    out = Path(cfg.out).expanduser()
+    for source, flag in ((cfg.dataset, "--dataset"), (cfg.teacher, "--teacher")):
+        if Path(source).expanduser().exists():  # a Hub id names no local folder
+            try:
+                paths.reject_overlap(cfg.out, "--out", source, flag)
+            except (OSError, RuntimeError) as exc:  # a symlink loop, an unreadable folder
+                raise ConfigError(f"cannot resolve --out '{out}' or {flag} '{source}' ({exc}); fix the path") from exc
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(
+            f"--out '{out}' is a symlink to '{os.readlink(out)}', which does not exist (or loops); "
+            "create its target folder or give another path"
+        )
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
+    return out
+
+
+def _make_output_folder(out: Path) -> list[Path]:
+    """Create ``out`` and any missing parents; return the folders created, outermost first."""
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create --out '{out}' ({exc.strerror or exc}); give a folder path you can write to"
+        ) from exc
+    return missing
+
+
+def unembeddable_ids(tokenizer: Any, rows: int) -> list[int]:
+    """The ids the tokenizer can produce that a teacher with ``rows`` embedding rows cannot embed, sorted."""
+    return sorted({int(index) for index in tokenizer.get_vocab().values() if int(index) >= rows})
+
+
+def check_embeddable(tokenizer: Any, rows: int) -> list[int]:
+    """:func:`unembeddable_ids`, refusing a tokenizer that cannot belong to the teacher.
+
+    Raises :class:`ConfigError` when the tokenizer's ordinary vocabulary alone is larger
+    than the embedding, or an id it adds to every document (BOS, EOS) is beyond it.
+    Otherwise logs a warning naming the ids (documents holding one are skipped).
+    """
+    ids = unembeddable_ids(tokenizer, rows)
+    if not ids:
+        return ids
+    base = int(getattr(tokenizer, "vocab_size", 0) or 0)
+    if base > rows:
+        raise ConfigError(
+            f"the tokenizer's vocabulary has {base} ids but the teacher embeds only {rows}; "
+            "the tokenizer does not belong to this model: use the teacher's own tokenizer"
+        )
+    every_document = set(tokenizer("", add_special_tokens=True)["input_ids"]) | {tokenizer.eos_token_id}
+    always = sorted(index for index in every_document if index is not None and index >= rows)
+    if always:
+        raise ConfigError(
+            f"the tokenizer adds id {always[0]} ({tokenizer.convert_ids_to_tokens(always[0])!r}) to every document, "
+            f"but the teacher embeds only {rows} ids; the tokenizer does not belong to this model"
+        )
+    shown = ", ".join(f"{index} {tokenizer.convert_ids_to_tokens(index)!r}" for index in ids[:5])
+    log.warning(
+        "the tokenizer has %d id(s) the teacher cannot embed (%s%s; the teacher has %d embedding rows): "
+        "documents that contain one are skipped and counted in %s",
+        len(ids),
+        shown,
+        f" and {len(ids) - 5} more" if len(ids) > 5 else "",
+        rows,
+        layout.RUN_LOG_NAME,
+    )
+    return ids
 
 
 def _write_cache(
@@ -184,18 +296,24 @@ def _write_cache(
     teacher_source: models.Source,
     tokenizer: Any,
     width: int,
+    skip_from_id: int | None,
     dtype: torch.dtype,
     device: torch.device,
     progress: bool,
 ) -> CacheSummary:
-    """The loop: batch, forward, capture, encode, write; then the tokenizer and the manifest."""
+    """The loop: batch, forward, capture, encode, write; then the tokenizer and the manifest.
+
+    Documents holding an id ``>= skip_from_id`` (one the teacher cannot embed) are left out.
+    """
     journal.write_journal(out, header, committed)
     shard_writer = writer.ShardWriter(
         out, cfg.rows_per_shard, committed, on_commit=lambda done: journal.write_journal(out, header, done)
     )
     done_rows = committed[-1].first_seq + committed[-1].rows if committed else 0
     hasher = TokenStreamHasher()
-    sequences = pack_sequences(tokenize_documents(stream.documents, tokenizer), cfg.seq_len, cfg.max_sequences)
+    skipped = SkippedDocuments()
+    documents = skip_documents_with_ids_from(tokenize_documents(stream.documents, tokenizer), skip_from_id, skipped)
+    sequences = pack_sequences(documents, cfg.seq_len, cfg.max_sequences)
     for sequence in itertools.islice(sequences, done_rows):  # already in committed shards
         hasher.update(sequence)
     try:
@@ -216,6 +334,15 @@ def _write_cache(
             )
             input_device = model.get_input_embeddings().weight.device
             embedding_rows = model.get_input_embeddings().weight.shape[0]
+            # Ids from ``width`` up are skipped (decided before the load, recorded in the header);
+            # an embedding smaller than the config says would leave ids below ``width`` unembeddable.
+            between = [index for index in unembeddable_ids(tokenizer, embedding_rows) if index < width]
+            if between:
+                raise ConfigError(
+                    f"the teacher's input embedding has {embedding_rows} rows, fewer than the {width} its config "
+                    f"declares, and the tokenizer has ids in between ({between[0]}...); "
+                    "fix vocab_size in the teacher's config"
+                )
             chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
             bar = tqdm(
                 total=cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None,
@@ -229,12 +356,7 @@ def _write_cache(
             seq_index = done_rows
             checked = False
             for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
-                if int(batch.max()) >= embedding_rows:
-                    raise ConfigError(
-                        f"the tokenizer produced id {int(batch.max())}, "
-                        f"but the teacher embeds only {embedding_rows} ids; "
-                        "the tokenizer does not belong to this model"
-                    )
+                assert int(batch.max()) < embedding_rows, "documents with unembeddable ids are skipped upstream"
                 input_ids = torch.from_numpy(batch).to(input_device)
                 if not checked:
                     head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
@@ -256,8 +378,11 @@ def _write_cache(
     committed = shard_writer.shards
     if not committed:
         (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
+        because = (
+            f" ({skipped.count} document(s) skipped: they hold ids the teacher cannot embed)" if skipped.count else ""
+        )
         raise DatasetError(
-            f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence; "
+            f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence{because}; "
             "add data or lower --seq-len"
         )
     tokenizer_files = _save_tokenizer(tokenizer, out)
@@ -267,7 +392,25 @@ def _write_cache(
     (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
     atomic.fsync_dir(out)
     totals = manifest["totals"]
-    return CacheSummary(str(out), totals["sequences"], totals["tokens"], totals["shards"], totals["bytes"], 0.0)
+    return CacheSummary(
+        str(out),
+        totals["sequences"],
+        totals["tokens"],
+        totals["shards"],
+        totals["bytes"],
+        0.0,
+        skipped_documents=skipped.count,
+    )
+
+
+def _fingerprint(tokenizer: Any, teacher_source: models.Source) -> str:
+    try:
+        return tokenizer_fingerprint(tokenizer, CURRENT_TOKENIZER_FINGERPRINT)
+    except ValueError as exc:
+        raise ConfigError(
+            f"cannot fingerprint the tokenizer of teacher '{teacher_source.display}' ({exc}); "
+            "give a teacher whose tokenizer loads as a fast (tokenizer.json) or sentencepiece tokenizer"
+        ) from exc
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -297,7 +440,8 @@ def cache_header(
         "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
         "compute": {"device_type": device.type, "batch_size": cfg.batch_size},
         "tokenizer": {
-            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "fingerprint": _fingerprint(tokenizer, teacher_source),
+            "fingerprint_version": CURRENT_TOKENIZER_FINGERPRINT,
             "length": len(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
@@ -311,6 +455,9 @@ def cache_header(
             "cross_document_attention": True,
             "trailing_partial_sequence": "dropped",
             "txt_sample_by": cfg.txt_sample_by,
+            "txt_encoding_errors": cfg.txt_encoding_errors,
+            "unembeddable_ids": "documents skipped",
+            "embedding_rows": width,
         },
         "dataset": {
             "source": dataset_display,

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.data import open_text_stream, pack_sequences, tokenize_documents
+from pipeline.data import (
+    SkippedDocuments,
+    first_invalid_utf8,
+    open_text_stream,
+    pack_sequences,
+    skip_documents_with_ids_from,
+    tokenize_documents,
+)
 from pipeline.errors import DatasetError, SourceNotFoundError
 
 
@@ -102,3 +109,72 @@ def test_txt_paragraph_mode_splits_on_blank_lines(tmp_path):
     (tmp_path / "a.txt").write_text("one\nstill one\n\ntwo\n\n\nthree")
     documents = [d for d in open_text_stream(str(tmp_path / "a.txt"), txt_sample_by="paragraph").documents if d.strip()]
     assert len(documents) == 3
+
+
+def test_first_invalid_utf8_byte_is_found_across_block_boundaries(tmp_path):
+    text = "caf\u00e9 \u20ac \U0001f600 ok".encode()
+    path = tmp_path / "a.txt"
+    for damage_at in range(len(text) + 1):
+        data = text[:damage_at] + b"\xff" + text[damage_at:]
+        path.write_bytes(data)
+        expected = _first_bad(data)
+        for block in (1, 2, 3, 7, 1 << 20):
+            assert first_invalid_utf8(path, block) == expected, (damage_at, block)
+    path.write_bytes(text)
+    assert first_invalid_utf8(path, 2) is None
+    path.write_bytes(text + "\u20ac".encode()[:2])  # cut inside the last character
+    assert first_invalid_utf8(path, 3) == len(text)
+
+
+def _first_bad(data: bytes) -> int:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    raise AssertionError("expected invalid UTF-8")
+
+
+@pytest.fixture()
+def latin1_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("plain words")
+    (tmp_path / "b.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    return tmp_path
+
+
+def test_non_utf8_txt_is_refused_by_default_naming_file_and_byte(latin1_folder):
+    with pytest.raises(DatasetError, match=r"b\.txt' is not valid UTF-8 \(byte 3\).*replace.*skip-file"):
+        open_text_stream(str(latin1_folder))
+
+
+def test_non_utf8_txt_is_read_with_replacement_characters_on_request(latin1_folder):
+    documents = list(open_text_stream(str(latin1_folder), txt_encoding_errors="replace").documents)
+    assert documents == ["plain words", "caf\ufffd"]
+
+
+def test_non_utf8_txt_is_left_out_and_named_on_request(latin1_folder):
+    stream = open_text_stream(str(latin1_folder), txt_encoding_errors="skip-file")
+    assert list(stream.documents) == ["plain words"]
+    assert stream.skipped_files == ("b.txt",)
+
+
+def test_a_folder_with_no_utf8_file_is_refused_even_when_skipping(tmp_path):
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(DatasetError, match="no file of dataset"):
+        open_text_stream(str(tmp_path), txt_encoding_errors="skip-file")
+
+
+def test_read_error_while_iterating_names_the_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    (tmp_path / "b.jsonl").write_text('{"text": "cut off')
+    documents = iter(open_text_stream(str(tmp_path)).documents)
+    assert [next(documents) for _ in range(5)] == [f"doc {i}" for i in range(5)]
+    with pytest.raises(DatasetError, match=r"cannot read file 'b\.jsonl' of dataset"):
+        next(documents)
+
+
+def test_documents_with_ids_from_the_limit_are_skipped_and_counted():
+    skipped = SkippedDocuments()
+    kept = list(skip_documents_with_ids_from([[1, 2], [3, 9], [], [4, 10, 5]], 9, skipped))
+    assert kept == [[1, 2], []]
+    assert skipped.count == 2
+    assert list(skip_documents_with_ids_from([[1, 99]], None, skipped)) == [[1, 99]]

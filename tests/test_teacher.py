@@ -39,6 +39,7 @@ def test_manifest_describes_the_cache(train_cache):
     assert manifest["capture"] == {"strategy": "topk", "k": 16, "logprob_temperature": 1.0, "log_base": "e"}
     assert manifest["logit_width"] == LOGIT_WIDTH
     assert manifest["tokenizer"]["length"] == 300
+    assert manifest["tokenizer"]["fingerprint_version"] == 2
     assert manifest["seq_len"] == 32
     assert manifest["dataset"]["source"] == "train.jsonl"
     assert len(manifest["teacher"]["weights_sha256"]) == 64
@@ -48,6 +49,17 @@ def test_manifest_describes_the_cache(train_cache):
     assert str(train_cache.parent) not in text  # no absolute paths
     for entry in manifest["shards"]:
         assert (train_cache / entry["name"]).stat().st_size == entry["bytes"]
+
+
+def test_manifest_fingerprint_is_version_2_of_the_teacher_tokenizer(train_cache, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.fingerprint import tokenizer_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    manifest = pipeline.open_cache(train_cache).manifest
+    assert manifest.tokenizer_fingerprint_version == 2
+    assert manifest.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer, 2) != tokenizer_fingerprint(tokenizer, 1)
 
 
 def test_sequences_start_with_bos_and_contain_eos(train_cache, tokenizer_dir):
@@ -203,12 +215,17 @@ def test_interrupted_pass_leaves_no_manifest(base, tmp_path, monkeypatch):
     shutil.rmtree(out)
 
 
-def test_tokenizer_larger_than_the_model_is_refused(base, teacher_dir, tokenizer_dir, tmp_path):
+def test_tokenizer_larger_than_the_model_is_refused_before_the_teacher_loads(
+    base, teacher_dir, tokenizer_dir, tmp_path, monkeypatch
+):
+    """An ordinary vocabulary larger than the embedding is a wrong tokenizer, not a few extra ids to skip."""
     import shutil as sh
 
     import torch
     from conftest import tiny_llama_config
     from transformers import AutoModelForCausalLM
+
+    from pipeline import models
 
     small = tmp_path / "small-teacher"
     model = AutoModelForCausalLM.from_config(tiny_llama_config(100, 32), dtype=torch.float32)
@@ -216,7 +233,9 @@ def test_tokenizer_larger_than_the_model_is_refused(base, teacher_dir, tokenizer
     for item in tokenizer_dir.iterdir():
         sh.copy(item, small / item.name)
     base[1] = str(small)
-    assert "does not belong to this model" in bad(*base, "--top-k", "4")
+    monkeypatch.setattr(models, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    line = bad(*base, "--top-k", "4")
+    assert "vocabulary has 300 ids but the teacher embeds only 100" in line and "does not belong" in line
     assert not (tmp_path / "out").exists()
 
 
