@@ -5,23 +5,44 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` holding ``model.safetenso
 ``state.json`` (step, data position, optimizer hyper-parameters, the run's config).
 ``checkpoints/latest.json`` names the newest complete one; it is written after the
 folder is renamed into place, so a crash never leaves it pointing at a torn checkpoint.
+
+Reading one treats every file as possibly damaged or edited: each problem ends in a
+:class:`~pipeline.errors.CacheError` (a damaged file) or :class:`~pipeline.errors.ConfigError`
+(a checkpoint of another student, or a resume with other settings: see
+:func:`restore_checkpoint`) before any training continues.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
-from pipeline.errors import CacheError, ConfigError
+from pipeline.config import StudentTrainConfig
+from pipeline.errors import CacheError, ConfigError, first_line
 from pipeline.store.atomic import fsync_dir, write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+STEP_FOLDER = re.compile(r"step-\d{7,}")
+MAX_LATEST_BYTES = 1 << 12
+MAX_STATE_BYTES = 1 << 24
+# What ``state.json`` must hold besides ``param_groups``, and the JSON type of each.
+STATE_FIELDS: dict[str, type] = {"step": int, "rows_seen": int, "config": dict, "cache_manifest_sha256": str}
+# Per-parameter AdamW state: ``step`` is a scalar, the moments have the parameter's shape.
+OPTIMIZER_STATE_NAMES = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+RESTART_HINT = "point checkpoints/latest.json at an earlier checkpoint, or start afresh with --overwrite"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -48,15 +69,15 @@ def save_checkpoint(
     staging = root / f".step-{step:07d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_model(model, str(staging / "model.safetensors"))
+    save_model(model, str(staging / MODEL_FILE))
     tensors, param_groups = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{index}"] = cuda_state
-    save_file(tensors, str(staging / "optimizer.safetensors"))
+    save_file(tensors, str(staging / OPTIMIZER_FILE))
     state = {"step": step, "param_groups": param_groups, **trainer_state}
-    write_bytes_atomic(staging / "state.json", (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(staging / STATE_FILE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
     fsync_dir(staging)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
@@ -65,41 +86,243 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``out``, or ``None``."""
-    pointer = out / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
+def _read_json(path: Path, limit: int, what: str) -> Any:
+    """Parse a small JSON file that must be a regular file (not a link) of at most ``limit`` bytes."""
+    if path.is_symlink() or not path.is_file():
+        raise CacheError(f"{what} '{path}' is missing or not a regular file; {RESTART_HINT}")
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise CacheError(f"{what} '{path}' is larger than {limit:,} bytes; it is damaged: {RESTART_HINT}")
     try:
-        name = json.loads(pointer.read_text())["path"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CacheError(f"{pointer} is damaged; delete it to resume from scratch") from None
-    folder = out / CHECKPOINTS / Path(name).name
-    if not folder.is_dir():
-        raise CacheError(f"{pointer} names {name}, which is missing; delete it to resume from scratch")
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{what} '{path}' is not valid JSON ({first_line(exc, 80)}); {RESTART_HINT}") from exc
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``out``, or ``None`` where there is none.
+
+    ``latest.json`` must name a ``step-NNNNNNN`` folder directly inside ``checkpoints/``;
+    neither that folder nor ``checkpoints/`` may be a symbolic link.
+    """
+    root = out / CHECKPOINTS
+    if root.is_symlink():
+        raise CacheError(f"'{root}' is a symbolic link; student-train writes a plain folder there: {RESTART_HINT}")
+    pointer = root / LATEST
+    if not pointer.exists() and not pointer.is_symlink():
+        return None
+    content = _read_json(pointer, MAX_LATEST_BYTES, "checkpoint pointer")
+    name = content.get("path") if isinstance(content, dict) else None
+    if not isinstance(name, str) or not STEP_FOLDER.fullmatch(name):
+        raise CacheError(f"{pointer} does not name a step-NNNNNNN folder inside {CHECKPOINTS}/; {RESTART_HINT}")
+    folder = root / name
+    if folder.is_symlink() or not folder.is_dir():
+        raise CacheError(f"{pointer} names {name}, which is missing or not a plain folder; {RESTART_HINT}")
     return folder
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG state from ``folder``; return its ``state.json``."""
-    state = json.loads((folder / "state.json").read_text())
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
-    if unexpected or _untied(model, missing):
-        raise ConfigError(
-            f"checkpoint {folder.name} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if key.startswith("state."):
-            _, param_id, name = key.split(".", 2)
-            optimizer_state.setdefault(int(param_id), {})[name] = tensor
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+def read_state(folder: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint, with each field's JSON type checked (values are the caller's to judge)."""
+    state = _read_json(folder / STATE_FILE, MAX_STATE_BYTES, f"checkpoint {folder.name}:")
+    if not isinstance(state, dict):
+        raise CacheError(f"checkpoint {folder.name}: {STATE_FILE} is not a JSON object; {RESTART_HINT}")
+    for key, kind in STATE_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CacheError(
+                f"checkpoint {folder.name}: {STATE_FILE} field '{key}' is missing or not a {kind.__name__}; "
+                f"{RESTART_HINT}"
+            )
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise CacheError(f"checkpoint {folder.name}: {STATE_FILE} field 'param_groups' is damaged; {RESTART_HINT}")
     return state
+
+
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Restore model, optimizer and RNG state from ``folder``; ``state`` is its :func:`read_state`.
+
+    Every tensor's name and shape is checked against the model and optimizer first, so a
+    checkpoint of another architecture or a damaged file is refused with one line.
+    """
+    weights = _read_tensors(folder, MODEL_FILE)
+    _check_weights(folder, model, weights)
+    tensors = _read_tensors(folder, OPTIMIZER_FILE)
+    optimizer_state = _optimizer_state(folder, optimizer, tensors)
+    _check_param_groups(folder, optimizer, state["param_groups"])
+    rng = tensors.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise CacheError(f"checkpoint {folder.name}: {OPTIMIZER_FILE} lacks a valid rng.torch state; {RESTART_HINT}")
+    try:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["param_groups"]})
+        torch.set_rng_state(rng)
+        cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CacheError(
+            f"checkpoint {folder.name} cannot be restored ({first_line(exc, 120)}); {RESTART_HINT}"
+        ) from exc
+
+
+def resume_conflicts(cfg: StudentTrainConfig, saved: dict[str, Any]) -> list[str]:
+    """``--flag was X, now Y`` for each setting outside ``RESUME_MAY_CHANGE`` that differs from ``saved``.
+
+    ``saved`` is the checkpoint's ``config``; a setting it lacks (an older release) is
+    compared with its default.
+    """
+    current = cfg.to_json()
+    defaults = StudentTrainConfig(cache="", student="", out="").to_json()
+    conflicts = []
+    for name, now in current.items():
+        was = saved.get(name, defaults[name])
+        if name not in StudentTrainConfig.RESUME_MAY_CHANGE and was != now:
+            conflicts.append(f"{StudentTrainConfig.flag(name)} was {json.dumps(was)}, now {json.dumps(now)}")
+    return conflicts
+
+
+def restore_checkpoint(
+    folder: Path,
+    cfg: StudentTrainConfig,
+    cache_manifest_sha256: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+) -> tuple[int, int]:
+    """Check a checkpoint against this run and restore it into ``model`` and ``optimizer``; return
+    ``(step, rows_seen)``.
+
+    Refused, before anything is restored: settings outside ``RESUME_MAY_CHANGE`` that
+    differ, another cache (by its manifest's sha256), a step past ``total_steps``, and a
+    ``rows_seen`` other than ``step x batch size x grad accum`` (an edited one could make
+    the data replay run for ever).
+    """
+    state = read_state(folder)
+    conflicts = resume_conflicts(cfg, state["config"])
+    if conflicts:
+        raise ConfigError(f"--resume: {', '.join(conflicts)}; resume with the run's settings or start a new --out")
+    if state["cache_manifest_sha256"] != cache_manifest_sha256:
+        raise ConfigError("--resume: the checkpoint was trained on another cache; use the same --cache")
+    step, rows_seen = state["step"], state["rows_seen"]
+    if step < 0:
+        raise CacheError(f"checkpoint {folder.name}: step {step} is negative; {STATE_FILE} is damaged: {RESTART_HINT}")
+    if step > total_steps:
+        raise ConfigError(
+            f"--resume: checkpoint {folder.name} is at step {step}, past this run's {total_steps} steps; "
+            f"give --max-steps of at least {step}"
+        )
+    if rows_seen != step * cfg.batch_size * cfg.grad_accum:
+        raise CacheError(
+            f"checkpoint {folder.name}: rows_seen {rows_seen} is not step x --batch-size x --grad-accum "
+            f"= {step * cfg.batch_size * cfg.grad_accum}; its state.json is damaged: {RESTART_HINT}"
+        )
+    saved = state["config"]
+    if (saved.get("max_steps"), saved.get("epochs")) != (cfg.max_steps, cfg.epochs):
+        log.warning(
+            "--resume: the run now lasts %d steps (--max-steps/--epochs changed): the learning-rate schedule "
+            "changes from step %d on",
+            total_steps,
+            step,
+        )
+    load_checkpoint(folder, model, optimizer, state)
+    return step, rows_seen
+
+
+def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    path = folder / name
+    if path.is_symlink() or not path.is_file():
+        raise CacheError(f"checkpoint {folder.name}: {name} is missing or not a regular file; {RESTART_HINT}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors reports every malformed file as a plain SafetensorError
+        raise CacheError(
+            f"checkpoint {folder.name}: {name} is not a readable safetensors file ({first_line(exc, 100)}); "
+            f"{RESTART_HINT}"
+        ) from exc
+
+
+def _check_weights(folder: Path, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    unexpected = [name for name in weights if name not in expected]
+    resized = [name for name in weights if name in expected and weights[name].shape != expected[name].shape]
+    missing = _untied(model, [name for name in expected if name not in weights])
+    if unexpected or resized or missing:
+        detail = (
+            f"size of {resized[0]} is {tuple(weights[resized[0]].shape)}, "
+            f"the student's is {tuple(expected[resized[0]].shape)}"
+            if resized
+            else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+        raise ConfigError(
+            f"--resume: checkpoint {folder.name} is of another architecture than the student ({detail}); "
+            "resume with the run's --student and --student-config, or start a new --out"
+        )
+
+
+def _optimizer_state(
+    folder: Path, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """``{param_id: {name: tensor}}`` from the ``state.<id>.<name>`` tensors, each checked against its parameter."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("rng."):
+            continue
+        prefix, _, rest = key.partition(".")
+        param_id, _, name = rest.partition(".")
+        if prefix != "state" or not param_id.isdigit() or int(param_id) >= len(params):
+            raise CacheError(f"checkpoint {folder.name}: {OPTIMIZER_FILE} holds an unknown tensor '{key[:80]}'")
+        if name not in OPTIMIZER_STATE_NAMES:
+            raise CacheError(f"checkpoint {folder.name}: {OPTIMIZER_FILE} holds an unknown tensor '{key[:80]}'")
+        shape = torch.Size([]) if name == "step" else params[int(param_id)].shape
+        if tensor.shape != shape or not (name == "step" or tensor.is_floating_point()):
+            raise ConfigError(
+                f"--resume: checkpoint {folder.name}'s optimizer state '{key}' does not fit the student's "
+                f"parameter {int(param_id)} (shape {tuple(tensor.shape)}, not {tuple(shape)}); "
+                "resume with the run's --student, or start a new --out"
+            )
+        state.setdefault(int(param_id), {})[name] = tensor
+    return state
+
+
+def _check_param_groups(folder: Path, optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]]) -> None:
+    """The saved parameter groups must fit the optimizer: as many groups, as many parameters in each, and
+    settings of the same JSON types (settings only one side knows are left to torch, for other torch releases)."""
+    current = json.loads(json.dumps(optimizer.state_dict()["param_groups"]))
+    fits = len(saved) == len(current) and all(
+        isinstance(old.get("params"), list)
+        and _same_structure(old["params"], new["params"])
+        and all(_same_structure(old[key], new[key]) for key in old.keys() & new.keys())
+        for old, new in zip(saved, current, strict=False)
+    )
+    if not fits:
+        raise CacheError(
+            f"checkpoint {folder.name}: {STATE_FILE} 'param_groups' do not fit the optimizer (edited or damaged); "
+            f"{RESTART_HINT}"
+        )
+
+
+def _same_structure(saved: Any, current: Any) -> bool:
+    """Whether two JSON values have the same shape: dict keys, list lengths, and types (any number for a number)."""
+    if isinstance(current, dict):
+        return (
+            isinstance(saved, dict)
+            and saved.keys() == current.keys()
+            and all(_same_structure(saved[key], current[key]) for key in current)
+        )
+    if isinstance(current, list):
+        return (
+            isinstance(saved, list)
+            and len(saved) == len(current)
+            and all(_same_structure(a, b) for a, b in zip(saved, current, strict=True))
+        )
+    if isinstance(current, bool) or current is None or isinstance(current, str):
+        return type(saved) is type(current)
+    return isinstance(saved, (int, float)) and not isinstance(saved, bool)
 
 
 def _untied(model: torch.nn.Module, missing: list[str]) -> list[str]:

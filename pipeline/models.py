@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, SourceNotFoundError, TeacherError, first_line
+from pipeline.errors import ConfigError, DistillError, SourceNotFoundError, TeacherError, first_line
 from pipeline.fingerprint import config_fingerprint, files_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,11 @@ def _load_error(role: str, source: Source, exc: Exception) -> SourceNotFoundErro
 
 
 def load_tokenizer(spec: str | Source, role: str = "tokenizer", trust_remote_code: bool = False) -> Any:
-    """A transformers tokenizer from a folder, a ``.gguf`` file or a Hub id."""
+    """A transformers tokenizer from a folder, a ``.gguf`` file or a Hub id.
+
+    Whatever loading raises becomes a :class:`SourceNotFoundError`: the ``tokenizers``
+    backend reports a malformed ``tokenizer.json`` as a plain ``Exception``.
+    """
     from transformers import AutoTokenizer
 
     source = spec if isinstance(spec, Source) else resolve_source(spec, role)
@@ -113,8 +117,10 @@ def load_tokenizer(spec: str | Source, role: str = "tokenizer", trust_remote_cod
         kwargs["gguf_file"] = source.gguf_file
     try:
         return AutoTokenizer.from_pretrained(source.location, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _load_error(f"{role} tokenizer", source, exc) from None
+    except DistillError:
+        raise
+    except Exception as exc:
+        raise _load_error(f"{role} tokenizer", source, exc) from exc
 
 
 def load_config(source: Source, role: str, trust_remote_code: bool = False) -> Any:
@@ -140,9 +146,31 @@ def logit_width(config: Any) -> int:
 
 
 def max_positions(config: Any) -> int | None:
+    """The config's ``max_position_embeddings`` (or its alias, e.g. GPT-2's ``n_positions``), if it has one."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text_config, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
+
+
+def has_learned_positions(model: nn.Module) -> bool:
+    """Whether ``model`` looks positions up in a learned table, which has no row past its limit.
+
+    True where the config says ``position_embedding_type="absolute"`` or where an
+    ``nn.Embedding`` other than the input embedding has as many rows as the position limit
+    (GPT-2's ``wpe``; OPT's ``embed_positions`` adds an offset of 2). Rotary and ALiBi models
+    have no such table: they run past the limit, usually worse.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "position_embedding_type", None) == "absolute":
+        return True
+    limit = max_positions(model.config)
+    if limit is None:
+        return False
+    inputs = model.get_input_embeddings()
+    return any(
+        isinstance(module, nn.Embedding) and module is not inputs and limit <= module.num_embeddings <= limit + 2
+        for module in model.modules()
+    )
 
 
 def load_teacher(
@@ -234,6 +262,56 @@ def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return overrides
 
 
+JSON_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "boolean"),
+    ((int, float), "number"),
+    (str, "string"),
+    ((list, tuple), "list"),
+    (dict, "object"),
+    (type(None), "null"),
+)
+
+
+def _json_kind(value: Any) -> str:
+    return next((name for kind, name in JSON_KINDS if isinstance(value, kind)), type(value).__name__)
+
+
+def check_override(config: Any, key: str, value: Any) -> None:
+    """Refuse an override for a field the config lacks, or of another JSON type than the field's value.
+
+    A field that is ``null`` takes any value; ints and floats are both numbers (the
+    model's own checks catch a fractional layer count).
+    """
+    if not hasattr(config, key):
+        raise ConfigError(f"--student-config {key}=...: the {config.model_type} config has no field '{key}'")
+    current = getattr(config, key)
+    if current is None or _json_kind(current) == _json_kind(value):
+        return
+    raise ConfigError(
+        f"--student-config {key}={json.dumps(value)[:40]}: the {config.model_type} config's '{key}' is a "
+        f"{_json_kind(current)}, got a {_json_kind(value)}; give e.g. {key}={json.dumps(current)[:40]}"
+    )
+
+
+def _build_from_config(config: Any, overrides: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+    """Apply ``overrides`` to ``config`` and build a fresh fp32 model; any failure is a :class:`ConfigError`."""
+    from transformers import AutoModelForCausalLM
+
+    for key, value in overrides.items():
+        check_override(config, key, value)
+    given = " ".join(f"{key}={json.dumps(value)}" for key, value in overrides.items())
+    try:
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        # The config's own dtype (often bf16) would make CPU training crawl: choose fp32.
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except DistillError:
+        raise
+    except Exception as exc:  # configs and model constructors raise anything from ValueError to ZeroDivisionError
+        where = f"with --student-config {given}" if overrides else "from its config"
+        raise ConfigError(f"the student cannot be built {where} ({first_line(exc, 120)}); check those values") from exc
+
+
 def has_weights(folder: Path) -> bool:
     return any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir())
 
@@ -262,13 +340,8 @@ def load_student(
             else:
                 config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise _load_error("student config", Source(str(path), None, True, path.name), exc) from None
-        for key, value in overrides.items():
-            if not hasattr(config, key):
-                raise ConfigError(f"--student-config {key}=...: the {config.model_type} config has no field '{key}'")
-            setattr(config, key, value)
-        # The config's own dtype (often bf16) would make CPU training crawl: choose fp32.
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            raise _load_error("student config", Source(str(path), None, True, path.name), exc) from exc
+        model = _build_from_config(config, overrides, trust_remote_code)
         how = "config"
     else:
         if overrides:
@@ -280,8 +353,10 @@ def load_student(
             model = AutoModelForCausalLM.from_pretrained(
                 source.location, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise _load_error("student", source, exc) from None
+        except DistillError:
+            raise
+        except Exception as exc:  # safetensors reports a damaged weight file as a plain Exception
+            raise _load_error("student", source, exc) from exc
         how = "pretrained"
     model.to(device)
     return model, how

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,19 +25,32 @@ from tqdm import tqdm
 
 from pipeline import models
 from pipeline.cache import Cache, open_cache, stack_rows
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.cache_tokenizer import is_plain_file_name, load_cache_tokenizer
+from pipeline.checkpoint import CHECKPOINTS, latest_checkpoint, restore_checkpoint, save_checkpoint
 from pipeline.codec import SparseRow
 from pipeline.config import StudentTrainConfig
-from pipeline.errors import CacheError, ConfigError, OutputExistsError, TokenizerMismatchError
+from pipeline.errors import ConfigError, OutputExistsError, TokenizerMismatchError, first_line
 from pipeline.evaluate import evaluate, head_chunk_positions
 from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
 from pipeline.losses import distillation_parts, flatten_targets
-from pipeline.store.layout import TOKENIZER_DIR
-from pipeline.store.reader import tokenizer_file_problems
+from pipeline.paths import reject_overlap, reject_url
+from pipeline.store.atomic import fsync_dir, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# What student-train writes in --out besides the model and tokenizer files, whose names
+# (whatever save_pretrained chose) OUTPUTS_NAME records before they are moved in.
+METRICS_NAME = "metrics.jsonl"
+TRAINING_NAME = "training.json"
+EVAL_NAME = "eval.json"
+OUTPUTS_NAME = "outputs.json"
+FINAL_STAGING = ".final.tmp"
+RUN_FOLDERS = (CHECKPOINTS, FINAL_STAGING)
+RUN_FILES = (METRICS_NAME, TRAINING_NAME, EVAL_NAME, OUTPUTS_NAME)
+# write_bytes_atomic's temporary names, left behind by a crash mid-write.
+RUN_TEMPORARIES = tuple(f".{name}.tmp" for name in (TRAINING_NAME, EVAL_NAME, OUTPUTS_NAME))
+MAX_OUTPUTS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -52,72 +66,275 @@ class TrainSummary:
     eval: dict[str, float] | None
 
 
+@dataclass(frozen=True)
+class OutputPlan:
+    """What ``--out`` holds and what this run does with it, decided before anything loads.
+
+    Attributes:
+        out: the folder.
+        resume_from: the checkpoint to continue from (``--resume``), else ``None``.
+        replace: entries of a previous run that ``--overwrite`` deletes just before training.
+        recorded: model and tokenizer file names a previous run recorded in ``outputs.json``.
+    """
+
+    out: Path
+    resume_from: Path | None
+    replace: tuple[str, ...]
+    recorded: frozenset[str]
+
+
+def check_output(cfg: StudentTrainConfig) -> OutputPlan:
+    """Check ``--out`` and plan what happens to it; nothing is deleted or written here.
+
+    Refused: a URL, a symbolic link, a file, a path that is, contains or lies inside
+    ``--cache``, ``--eval-cache``, ``--student`` or ``--tokenizer``; ``--resume`` without a
+    checkpoint; a non-empty folder without ``--overwrite``; and with ``--overwrite`` a
+    folder holding anything student-train did not write: ``checkpoints/``,
+    ``metrics.jsonl``, ``training.json``, ``eval.json``, ``outputs.json`` (the model and
+    tokenizer files of that run, by name), and the temporary names of a crashed write.
+    """
+    reject_url(cfg.out, "--out")
+    out = Path(cfg.out)
+    if out.is_symlink():
+        raise ConfigError(f"--out '{out}' is a symbolic link; give the folder it points to, or a new path")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
+    inputs = [(cfg.cache, "--cache"), (cfg.eval_cache, "--eval-cache")]
+    inputs += [(path, flag) for path, flag in ((cfg.student, "--student"), (cfg.tokenizer, "--tokenizer")) if path]
+    for path, flag in inputs:
+        if path is not None and (flag in ("--cache", "--eval-cache") or Path(path).expanduser().exists()):
+            reject_overlap(out, "--out", path, flag)
+    recorded = _recorded_outputs(out)
+    if cfg.resume:
+        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+        if checkpoint is None:
+            raise ConfigError(f"--resume: '{out}' holds no checkpoint; drop --resume to start afresh")
+        return OutputPlan(out, checkpoint, (), recorded)
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not cfg.overwrite:
+        raise OutputExistsError(
+            f"--out '{out}' is not empty; pass --resume to continue its run or --overwrite to replace it"
+        )
+    foreign = [entry.name for entry in entries if not _written_by_a_run(entry, recorded)]
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputExistsError(
+            f"--out '{out}' holds what student-train did not write ({listed}), so --overwrite deleted nothing; "
+            "move those away or choose another --out"
+        )
+    # outputs.json goes last, so a crash while deleting leaves the rest still recorded.
+    replace = sorted((entry.name for entry in entries), key=lambda name: name == OUTPUTS_NAME)
+    return OutputPlan(out, None, tuple(replace), recorded)
+
+
+def _written_by_a_run(entry: Path, recorded: frozenset[str]) -> bool:
+    if entry.is_symlink():
+        return False
+    if entry.name in RUN_FOLDERS:
+        return entry.is_dir()
+    return entry.is_file() and (entry.name in RUN_FILES or entry.name in RUN_TEMPORARIES or entry.name in recorded)
+
+
+def _recorded_outputs(out: Path) -> frozenset[str]:
+    """The model and tokenizer file names ``outputs.json`` records (empty where there is none)."""
+    path = out / OUTPUTS_NAME
+    if path.is_symlink() or not path.is_file():
+        return frozenset()
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_OUTPUTS_BYTES + 1)
+    try:
+        names = json.loads(data)["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise OutputExistsError(
+            f"'{path}' is damaged, so which files the run wrote is unknown; remove it and the model files "
+            "beside it, or choose another --out"
+        ) from exc
+    if not isinstance(names, list) or not all(
+        isinstance(name, str) and is_plain_file_name(name) and name not in RUN_FILES + RUN_FOLDERS for name in names
+    ):
+        raise OutputExistsError(
+            f"'{path}' lists names that are not plain file names; remove it and the model files beside it, "
+            "or choose another --out"
+        )
+    return frozenset(names)
+
+
+def clear_previous_run(plan: OutputPlan) -> None:
+    """Delete what :func:`check_output` found of a previous run (``--overwrite``), then make sure ``out`` exists."""
+    for name in plan.replace:
+        path = plan.out / name
+        if name in RUN_FOLDERS:
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    plan.out.mkdir(parents=True, exist_ok=True)
+
+
 def resolve_student_tokenizer(cfg: StudentTrainConfig, cache: Cache) -> tuple[Any, str]:
     """The tokenizer to save with the student, checked against the cache's fingerprint.
 
     Taken from ``--tokenizer``, else from the student source if it has one, else from the
-    copy the teacher pass stored in the cache.
+    copy the teacher pass stored in the cache (loaded as untrusted input:
+    :func:`pipeline.cache_tokenizer.load_cache_tokenizer`, never with remote code).
     """
-    expected = cache.manifest.tokenizer_fingerprint
     student_path = Path(cfg.student)
     if cfg.tokenizer:
+        _refuse_tokenizer_inside_a_cache(cfg)
         spec, origin = cfg.tokenizer, "--tokenizer"
     elif student_path.is_dir() and any((student_path / marker).exists() for marker in TOKENIZER_MARKERS):
         spec, origin = str(student_path), "the student folder"
     elif not student_path.exists():
         spec, origin = cfg.student, "the student's Hub repo"
     else:
-        spec, origin = str(_cache_tokenizer_dir(cache)), "the cache"
-    tokenizer = models.load_tokenizer(spec, "student", cfg.trust_remote_code)
-    actual = tokenizer_fingerprint(tokenizer)
-    if actual != expected:
+        spec, origin = None, "the cache"
+    if spec is None:
+        tokenizer = load_cache_tokenizer(cache)
+    else:
+        tokenizer = models.load_tokenizer(spec, "student", cfg.trust_remote_code)
+    check_tokenizer_matches(tokenizer, origin, cache, "--cache")
+    return tokenizer, origin
+
+
+def _refuse_tokenizer_inside_a_cache(cfg: StudentTrainConfig) -> None:
+    """``--tokenizer`` loads with ``--trust-remote-code``, which must never reach a cache's files."""
+    tokenizer = Path(cfg.tokenizer or "").expanduser()
+    if not cfg.tokenizer or not tokenizer.exists():
+        return
+    for cache, flag in ((cfg.cache, "--cache"), (cfg.eval_cache, "--eval-cache")):
+        if cache and tokenizer.resolve().is_relative_to(Path(cache).expanduser().resolve()):
+            raise ConfigError(
+                f"--tokenizer '{cfg.tokenizer}' lies inside {flag}; a cache's files are only loaded through its "
+                "checked copy: drop --tokenizer to use it"
+            )
+
+
+def check_tokenizer_matches(tokenizer: Any, origin: str, cache: Cache, flag: str) -> None:
+    """Refuse ``tokenizer`` unless its fingerprint, at the version ``cache`` used, is the cache's."""
+    expected = cache.manifest.tokenizer_fingerprint
+    try:
+        actual = tokenizer_fingerprint(tokenizer, version=cache.manifest.tokenizer_fingerprint_version)
+    except ValueError as exc:
+        raise TokenizerMismatchError(
+            f"cannot fingerprint the student's tokenizer (from {origin}): {first_line(exc)}"
+        ) from exc
+    if actual == expected:
+        return
+    if flag == "--cache":
         raise TokenizerMismatchError(
             f"the student's tokenizer (from {origin}, fingerprint {actual[:12]}) differs from the teacher's "
             f"in the cache (fingerprint {expected[:12]}); use a student that shares the teacher's tokenizer"
         )
-    return tokenizer, origin
+    raise TokenizerMismatchError(
+        f"{flag} was made with another tokenizer (fingerprint {expected[:12]}) than the student's "
+        f"(from {origin}, fingerprint {actual[:12]}); use a cache of the same teacher as --cache"
+    )
 
 
-def _cache_tokenizer_dir(cache: Cache) -> Path:
-    folder = cache.path / TOKENIZER_DIR
-    listed = cache.manifest.raw.get("tokenizer", {}).get("files", [])
-    if not folder.is_dir() or not listed:
-        raise CacheError(f"the cache has no tokenizer copy and the student '{folder}' brings none; pass --tokenizer")
-    problems = tokenizer_file_problems(cache.path, cache.manifest) if cache.verify else []
-    if problems:
-        raise CacheError(f"{problems[0]} in the cache; the cache is damaged")
-    return folder
+def check_student_fits(model: torch.nn.Module, origin: str, cache: Cache, flag: str) -> None:
+    """Refuse a student with fewer logits than ``cache``'s ids need, or learned positions fewer than its seq_len.
 
-
-def prepare_student_output(out: Path, cfg: StudentTrainConfig) -> Path | None:
-    """Check ``out``; return the checkpoint to resume from, if ``--resume`` and there is one."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
-    if cfg.resume:
-        checkpoint = latest_checkpoint(out) if out.is_dir() else None
-        if checkpoint is None:
-            raise ConfigError(f"--resume: '{out}' holds no checkpoint; drop --resume to start afresh")
-        return checkpoint
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise OutputExistsError(
-                f"--out '{out}' is not empty; pass --resume to continue its run or --overwrite to replace it"
+    A student whose positions are not learned (rotary) gets a warning instead: it runs
+    past ``max_position_embeddings``, usually worse.
+    """
+    width = models.logit_width(model.config)
+    needed = cache.manifest.logit_width
+    if width < needed:
+        if origin == "config":
+            how = f"give it vocab_size={needed} (--student-config vocab_size={needed})"
+        else:
+            how = (
+                f"load it with transformers, call model.resize_token_embeddings({needed}), save_pretrained it "
+                "to a folder and pass that folder as --student"
             )
-        if (
-            not (out / "training.json").exists()
-            and not (out / "checkpoints").exists()
-            and not (out / "metrics.jsonl").exists()
-        ):
-            raise OutputExistsError(f"--out '{out}' does not hold a student run; --overwrite only replaces one")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+        raise ConfigError(
+            f"the student has {width} logits but {flag}'s ids go up to {needed - 1}, so it needs at least "
+            f"{needed}; {how}"
+        )
+    limit = models.max_positions(model.config)
+    seq_len = cache.manifest.seq_len
+    if limit is None or seq_len <= limit:
+        return
+    if models.has_learned_positions(model):
+        raise ConfigError(
+            f"{flag} holds sequences of {seq_len} tokens but the student has learned positions for only {limit}; "
+            f"use a student with max_position_embeddings >= {seq_len}, or a cache made with a shorter --seq-len"
+        )
+    log.warning(
+        "%s holds sequences of %d tokens, more than the student's max_position_embeddings %d; its positions "
+        "are not learned (rotary), so it trains, but it may do worse past %d",
+        flag,
+        seq_len,
+        limit,
+        limit,
+    )
 
 
-def row_stream(cache: Cache, seed: int) -> Iterator[tuple[int, SparseRow]]:
-    """``(epoch, row)`` forever, reshuffled each epoch with ``(seed, epoch)``."""
-    for epoch in itertools.count():
-        for row in cache.shuffled_rows(seed, epoch):
+def planned_steps(cfg: StudentTrainConfig, sequences: int) -> int:
+    """Optimizer steps of the whole run: ``--max-steps``, else ``--epochs`` (default 1) over ``sequences`` rows."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(sequences * (cfg.epochs or 1.0) / (cfg.batch_size * cfg.grad_accum)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def save_student(plan: OutputPlan, model: torch.nn.Module, tokenizer: Any) -> list[str]:
+    """Save the final model and tokenizer into ``out``; return the names of the files written.
+
+    They are written to a staging folder first; their names are recorded in
+    ``outputs.json`` before any is moved into ``out``, so a later ``--overwrite`` deletes
+    exactly them, even after a crash half-way. Files an earlier save of this run recorded
+    and this one did not write are deleted.
+    """
+    out = plan.out
+    staging = out / FINAL_STAGING
+    if staging.is_symlink():
+        staging.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    written = sorted(path.name for path in staging.iterdir())
+    odd = [name for name in written if not (staging / name).is_file() or name in RUN_FILES + RUN_FOLDERS]
+    if odd or not all(is_plain_file_name(name) for name in written):
+        raise ConfigError(f"saving the student wrote unexpected entries {odd[:3]}; nothing was moved into --out")
+    _write_outputs(out, sorted(plan.recorded | set(written)))
+    for name in written:
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+    fsync_dir(out)
+    for name in plan.recorded - set(written):
+        (out / name).unlink(missing_ok=True)
+    _write_outputs(out, written)
+    return written
+
+
+def _write_outputs(out: Path, names: list[str]) -> None:
+    write_bytes_atomic(out / OUTPUTS_NAME, (json.dumps({"files": names}, indent=2) + "\n").encode())
+
+
+def row_stream(cache: Cache, seed: int, start: int = 0) -> Iterator[tuple[int, SparseRow]]:
+    """``(epoch, row)`` forever, reshuffled each epoch with ``(seed, epoch)``, from the ``start``-th row on.
+
+    Whole epochs before ``start`` are skipped without reading; the rows before it in its
+    epoch are read and dropped (the order within an epoch is only known by reading it).
+    """
+    first_epoch, skip = divmod(start, len(cache))
+    for epoch in itertools.count(first_epoch):
+        rows = cache.shuffled_rows(seed, epoch)
+        if epoch == first_epoch:
+            rows = itertools.islice(rows, skip, None)
+        for row in rows:
             yield epoch, row
 
 
@@ -174,29 +391,28 @@ def train_step_loss(
 
 
 def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSummary:
-    """Train a student from a cache as ``cfg`` says; return a summary."""
+    """Train a student from a cache as ``cfg`` says; return a summary.
+
+    Every check (paths, caches, tokenizer, student, checkpoint) runs before ``--out`` is
+    touched; then ``--overwrite`` clears the previous run and training starts.
+    """
     started = time.time()
     models.quiet_transformers()
+    plan = check_output(cfg)
     torch.manual_seed(cfg.seed)
     cache = open_cache(cfg.cache, verify=cfg.verify)
     eval_cache = open_cache(cfg.eval_cache, verify=cfg.verify) if cfg.eval_cache else None
-    if eval_cache is not None and eval_cache.manifest.tokenizer_fingerprint != cache.manifest.tokenizer_fingerprint:
-        raise TokenizerMismatchError(
-            "--eval-cache was made with another tokenizer than --cache; use caches of the same teacher"
-        )
     tokenizer, tokenizer_origin = resolve_student_tokenizer(cfg, cache)
-    out = Path(cfg.out)
-    resume_from = prepare_student_output(out, cfg)
+    if eval_cache is not None:
+        check_tokenizer_matches(tokenizer, tokenizer_origin, eval_cache, "--eval-cache")
 
     device = models.pick_device(cfg.device)
     overrides = models.parse_overrides(cfg.student_config)
     model, origin = models.load_student(cfg.student, overrides, device, cfg.trust_remote_code)
+    check_student_fits(model, origin, cache, "--cache")
+    if eval_cache is not None:
+        check_student_fits(model, origin, eval_cache, "--eval-cache")
     width = models.logit_width(model.config)
-    if width < cache.manifest.logit_width:
-        raise ConfigError(
-            f"the student has {width} logits but the teacher's ids go up to {cache.manifest.logit_width}; "
-            f"give the student vocab_size={cache.manifest.logit_width} (e.g. --student-config vocab_size=...)"
-        )
     how = "a fresh model built from its config" if origin == "config" else "its pretrained weights"
     parameters = sum(p.numel() for p in model.parameters())
     log.info(
@@ -212,31 +428,17 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     rows_per_step = cfg.batch_size * cfg.grad_accum
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
-    else:
-        total_steps = max(1, math.ceil(len(cache) * (cfg.epochs or 1.0) / rows_per_step))
+    total_steps = planned_steps(cfg, len(cache))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20)
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
-
+    optimizer = build_optimizer(model, cfg)
     step, rows_seen = 0, 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        if state.get("cache_manifest_sha256") != _manifest_sha(cache):
-            raise ConfigError("--resume: the checkpoint was trained on another cache; use the same --cache")
-        step, rows_seen = int(state["step"]), int(state["rows_seen"])
-    rows = row_stream(cache, cfg.seed)
-    for _ in range(rows_seen):  # replay the data order up to where the checkpoint stopped
-        next(rows)
+    if plan.resume_from is not None:
+        step, rows_seen = restore_checkpoint(plan.resume_from, cfg, _manifest_sha(cache), model, optimizer, total_steps)
+    clear_previous_run(plan)
+    out = plan.out
+    rows = row_stream(cache, cfg.seed, start=rows_seen)  # the data order continues where the checkpoint stopped
 
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS_NAME
     model.train()
     bar = tqdm(
         total=total_steps,
@@ -298,8 +500,7 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
                 )
     bar.close()
     model.eval()
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    written = save_student(plan, model, tokenizer)
     results = evaluate(head, eval_cache, chunk_positions, device, autocast) if eval_cache is not None else None
     seconds = time.time() - started
     training = {
@@ -312,10 +513,11 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
         "seconds": round(seconds, 3),
         "final": last,
         "eval": results,
+        "outputs": written,
     }
-    (out / "training.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n")
+    write_bytes_atomic(out / TRAINING_NAME, (json.dumps(training, indent=2, sort_keys=True) + "\n").encode())
     if results is not None:
-        (out / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        write_bytes_atomic(out / EVAL_NAME, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
     return TrainSummary(
         out=str(out),
         steps=step,
