@@ -139,8 +139,8 @@ def bench_student(student_spec: str, teacher: torch.nn.Module, batch: torch.Tens
     ids, logprobs, tail = capture_batch(teacher_head, batch, k, max(1, HEAD_CHUNK_ELEMENTS // width))
     cached = {
         "input_ids": batch,
-        "topk_ids": torch.from_numpy(ids),
-        "topk_logprobs": torch.from_numpy(logprobs),
+        "ids": torch.from_numpy(ids),
+        "logprobs": torch.from_numpy(logprobs),
         "tail_logmass": torch.from_numpy(tail),
     }
     from pipeline.evaluate import head_chunk_positions

@@ -4,8 +4,8 @@
 """
 
 from pipeline.cache import Cache, CacheDataset, open_cache
-from pipeline.codec import SparseRow
 from pipeline.errors import DistillError
+from pipeline.rows import SparseRow
 
 __all__ = ["Cache", "CacheDataset", "DistillError", "SparseRow", "open_cache"]
 __version__ = "0.1.0"

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.codec import SparseRow
 from pipeline.errors import CacheError
 from pipeline.fingerprint import TokenStreamHasher
 from pipeline.manifest import Manifest, ShardEntry
+from pipeline.rows import SparseRow, stack_numpy
 from pipeline.store.reader import (
     decode_checked_row,
     iter_shard_frames,
@@ -37,7 +37,7 @@ from pipeline.store.reader import (
 
 
 class Cache:
-    """A validated cache folder. Iterating yields :class:`~pipeline.codec.SparseRow` in order.
+    """A validated cache folder. Iterating yields :class:`~pipeline.rows.SparseRow` in order.
 
     Shards are read one at a time and each is checked against its sha256 in the manifest
     before its first row is returned, as are the tokenizer files when the cache is opened,
@@ -100,30 +100,24 @@ def open_cache(path: str | Path, verify: bool = True) -> Cache:
 
 
 def row_tensors(row: SparseRow) -> dict[str, torch.Tensor]:
-    """A row as torch tensors with the same names, shapes and dtypes."""
-    return {
-        "input_ids": torch.from_numpy(row.input_ids),
-        "topk_ids": torch.from_numpy(row.topk_ids),
-        "topk_logprobs": torch.from_numpy(row.topk_logprobs),
-        "tail_logmass": torch.from_numpy(row.tail_logmass),
-    }
-
-
-ROW_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass")
+    """A row as torch tensors, keyed as :func:`stack_rows` keys a batch (without the batch dimension)."""
+    return {name: torch.from_numpy(values[0]) for name, values in stack_numpy([row]).items()}
 
 
 def stack_rows(rows: list[SparseRow], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Stack rows into a batch: ``input_ids (B, T)``, ``topk_ids (B, T, k)``,
-    ``topk_logprobs (B, T, k)``, ``tail_logmass (B, T)``, on ``device``."""
-    return {name: torch.from_numpy(np.stack([getattr(row, name) for row in rows])).to(device) for name in ROW_FIELDS}
+    """Stack rows into a batch of tensors on ``device``: ``input_ids (B, T)`` int64, ``ids (B, T, K)`` int64,
+    ``valid (B, T, K)`` bool, and where the rows hold them ``logprobs (B, T, K)`` float32,
+    ``tail_logmass (B, T)`` float32, ``counts (B, T, K)`` int32 (see :func:`pipeline.rows.stack_numpy`)."""
+    return {name: torch.from_numpy(values).to(device) for name, values in stack_numpy(rows).items()}
 
 
 class CacheDataset(IterableDataset):
     """A torch ``IterableDataset`` over a cache, for your own training loop.
 
-    Yields dicts of tensors: ``input_ids (T,) int64``, ``topk_ids (T, k) int64``,
-    ``topk_logprobs (T, k) float32``, ``tail_logmass (T,) float32``; a ``DataLoader``
-    stacks them into batches. With ``shuffle=True`` the order is seeded by
+    Yields dicts of tensors: ``input_ids (T,) int64``, ``ids (T, K) int64``,
+    ``valid (T, K) bool``, and where the capture stores them ``logprobs (T, K) float32``,
+    ``tail_logmass (T,) float32`` and ``counts (T, K) int32``; a ``DataLoader`` stacks
+    them into batches (rows of one cache have one ``K``). With ``shuffle=True`` the order is seeded by
     ``(seed, epoch)``: call :meth:`set_epoch` between epochs. With several DataLoader
     workers each takes a disjoint set of shards.
     """

@@ -28,12 +28,11 @@ whose log must survive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import zstandard
 
 from pipeline.errors import CacheError
+from pipeline.rows import SparseRow
 
 CODEC_NAME = "shuffle-zstd"
 CODEC_VERSION = 1
@@ -45,26 +44,6 @@ COLUMN_DTYPES: dict[str, str] = {
 }
 PAYLOAD_COLUMNS: tuple[str, ...] = tuple(COLUMN_DTYPES)
 ZSTD_LEVEL = 3
-
-
-@dataclass(frozen=True)
-class SparseRow:
-    """One packed sequence and the teacher's sparse next-token distributions.
-
-    Position ``t`` holds the teacher's distribution over token ``t + 1``.
-
-    Attributes:
-        input_ids: ``(T,)`` int64 token ids.
-        topk_ids: ``(T, k)`` int64 ids of the captured tokens, most probable first.
-        topk_logprobs: ``(T, k)`` float32 natural-log probabilities at temperature 1.
-        tail_logmass: ``(T,)`` float32 log of the probability outside ``topk_ids``;
-            ``-inf`` where nothing is left out.
-    """
-
-    input_ids: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    tail_logmass: np.ndarray
 
 
 def shuffle_bytes(values: np.ndarray) -> bytes:
@@ -142,11 +121,11 @@ def decode_array(frame: bytes, dtype: str, count: int) -> np.ndarray:
 
 
 def encode_row(row: SparseRow) -> dict[str, bytes]:
-    """Encode one row into a frame per payload column."""
+    """Encode one top-k row (every slot valid, log-probabilities and tail present) into a frame per column."""
     return {
         "input_ids": encode_array(row.input_ids, COLUMN_DTYPES["input_ids"]),
-        "topk_ids": encode_array(row.topk_ids, COLUMN_DTYPES["topk_ids"]),
-        "topk_logprobs": encode_array(row.topk_logprobs, COLUMN_DTYPES["topk_logprobs"]),
+        "topk_ids": encode_array(row.ids, COLUMN_DTYPES["topk_ids"]),
+        "topk_logprobs": encode_array(row.logprobs, COLUMN_DTYPES["topk_logprobs"]),
         "tail_logmass": encode_array(row.tail_logmass, COLUMN_DTYPES["tail_logmass"]),
     }
 
@@ -160,7 +139,7 @@ def decode_row(frames: dict[str, bytes], seq_len: int, k: int) -> SparseRow:
     tail_logmass = decode_array(frames["tail_logmass"], COLUMN_DTYPES["tail_logmass"], seq_len)
     return SparseRow(
         input_ids=input_ids.astype(np.int64),
-        topk_ids=topk_ids.astype(np.int64).reshape(seq_len, k),
-        topk_logprobs=topk_logprobs.astype(np.float32).reshape(seq_len, k),
+        ids=topk_ids.astype(np.int64).reshape(seq_len, k),
+        logprobs=topk_logprobs.astype(np.float32).reshape(seq_len, k),
         tail_logmass=tail_logmass.astype(np.float32),
     )

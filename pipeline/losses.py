@@ -208,12 +208,12 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def flatten_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of rows as per-position targets: ``labels (N,)``, ``topk_ids (N, k)``,
-    ``topk_logprobs (N, k)``, ``tail_logmass (N,)`` with ``N = B * T``, in row-major order."""
-    k = batch["topk_ids"].shape[-1]
+    """A batch of top-k rows as per-position targets: ``labels (N,)``, ``ids (N, k)``,
+    ``logprobs (N, k)``, ``tail_logmass (N,)`` with ``N = B * T``, in row-major order."""
+    k = batch["ids"].shape[-1]
     return (
         next_token_labels(batch["input_ids"]).reshape(-1),
-        batch["topk_ids"].reshape(-1, k),
-        batch["topk_logprobs"].reshape(-1, k),
+        batch["ids"].reshape(-1, k),
+        batch["logprobs"].reshape(-1, k),
         batch["tail_logmass"].reshape(-1),
     )

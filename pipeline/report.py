@@ -19,8 +19,8 @@ def cache_report(path: str | Path) -> dict[str, Any]:
     manifest = cache.manifest
     captured_sum, positions = 0.0, 0
     for row in cache:
-        captured_sum += float(np.exp(row.topk_logprobs.astype(np.float64)).sum())
-        positions += row.topk_logprobs.shape[0]
+        captured_sum += float(np.exp(row.logprobs.astype(np.float64)).sum())
+        positions += row.logprobs.shape[0]
     raw = manifest.raw
     return {
         "path": str(path),

@@ -25,12 +25,12 @@ from pipeline import models
 from pipeline.cache import Cache, open_cache, stack_rows
 from pipeline.cache_tokenizer import load_cache_tokenizer
 from pipeline.checkpoint import restore_checkpoint, save_checkpoint
-from pipeline.codec import SparseRow
 from pipeline.config import StudentTrainConfig
 from pipeline.errors import ConfigError, TokenizerMismatchError, first_line
 from pipeline.evaluate import evaluate, head_chunk_positions
 from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
 from pipeline.losses import distillation_parts, flatten_targets
+from pipeline.rows import SparseRow
 from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, check_output, clear_previous_run, save_student
 from pipeline.store.atomic import write_bytes_atomic
 

@@ -13,8 +13,8 @@ def random_row(seq_len: int = 12, k: int = 5, vocab: int = 262144, seed: int = 0
     tail[0] = -np.inf
     return codec.SparseRow(
         input_ids=rng.integers(0, vocab, size=seq_len),
-        topk_ids=rng.integers(0, vocab, size=(seq_len, k)),
-        topk_logprobs=logprobs,
+        ids=rng.integers(0, vocab, size=(seq_len, k)),
+        logprobs=logprobs,
         tail_logmass=tail,
     )
 

@@ -50,17 +50,17 @@ def test_the_documented_recipe_reads_the_same_rows(recipe, train_cache):
 def _swap_first_two(row):
     ids, logprobs = row.topk_ids.copy(), row.topk_logprobs.copy()
     ids[0, [0, 1]], logprobs[0, [0, 1]] = ids[0, [1, 0]], logprobs[0, [1, 0]]
-    return dataclasses.replace(row, topk_ids=ids, topk_logprobs=logprobs)
+    return dataclasses.replace(row, ids=ids, logprobs=logprobs)
 
 
 def _duplicate_id(row):
     ids = row.topk_ids.copy()
     ids[0, 1] = ids[0, 0]
-    return dataclasses.replace(row, topk_ids=ids)
+    return dataclasses.replace(row, ids=ids)
 
 
 def _shift_half_a_nat(row):
-    return dataclasses.replace(row, topk_logprobs=row.topk_logprobs - 0.5)
+    return dataclasses.replace(row, logprobs=row.topk_logprobs - 0.5)
 
 
 def _nan_tail(row):

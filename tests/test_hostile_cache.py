@@ -45,29 +45,29 @@ def refused_everywhere(cache, message: str) -> None:
 def reorder(row):
     ids, logprobs = row.topk_ids.copy(), row.topk_logprobs.copy()
     ids[0, [0, 1]], logprobs[0, [0, 1]] = ids[0, [1, 0]], logprobs[0, [1, 0]]
-    return dataclasses.replace(row, topk_ids=ids, topk_logprobs=logprobs)
+    return dataclasses.replace(row, ids=ids, logprobs=logprobs)
 
 
 def duplicate(row):
     ids = row.topk_ids.copy()
     ids[0, 1] = ids[0, 0]
-    return dataclasses.replace(row, topk_ids=ids)
+    return dataclasses.replace(row, ids=ids)
 
 
 def inflate_mass(row):
     logprobs = row.topk_logprobs.copy()
     logprobs[0, :] = -0.01  # k ids each at p = 0.99: a captured mass near k
-    return dataclasses.replace(row, topk_logprobs=logprobs)
+    return dataclasses.replace(row, logprobs=logprobs)
 
 
 def shift_half_a_nat(row):
-    return dataclasses.replace(row, topk_logprobs=row.topk_logprobs - 0.5)
+    return dataclasses.replace(row, logprobs=row.topk_logprobs - 0.5)
 
 
 def out_of_range(row):
     ids = row.topk_ids.copy()
     ids[3, -1] = 10**6
-    return dataclasses.replace(row, topk_ids=ids)
+    return dataclasses.replace(row, ids=ids)
 
 
 @pytest.mark.parametrize(

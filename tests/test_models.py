@@ -67,8 +67,8 @@ def test_chunked_training_step_gives_the_gradient_of_the_full_loss(model_type):
         topk_ids, topk_logprobs, tail = capture_topk(teacher(ids).logits.reshape(-1, VOCAB), 8)
     batch = {
         "input_ids": ids,
-        "topk_ids": topk_ids.reshape(2, 12, 8),
-        "topk_logprobs": topk_logprobs.reshape(2, 12, 8),
+        "ids": topk_ids.reshape(2, 12, 8),
+        "logprobs": topk_logprobs.reshape(2, 12, 8),
         "tail_logmass": tail.reshape(2, 12),
     }
     chunked, full = tiny(model_type).eval(), tiny(model_type).eval()  # eval: no dropout, same randomness

@@ -172,18 +172,18 @@ def row_problem(row: codec.SparseRow, logit_width: int) -> str | None:
     0 (``-inf`` when nothing is left out); captured mass plus tail mass equal to 1 within
     :func:`mass_tolerance`.
     """
-    if row.topk_ids.size and int(row.topk_ids.max()) >= logit_width:
+    if row.ids.size and int(row.ids.max()) >= logit_width:
         return f"a stored id is not below logit_width {logit_width}"
     if row.input_ids.size and int(row.input_ids.max()) >= logit_width:
         return f"an input id is not below logit_width {logit_width}"
-    logprobs, tail = row.topk_logprobs, row.tail_logmass
+    logprobs, tail = row.logprobs, row.tail_logmass
     if not np.isfinite(logprobs).all() or (logprobs > LOGPROB_SLACK).any():
         return "a stored log-probability is not finite or is above 0"
     if np.isnan(tail).any() or (tail > LOGPROB_SLACK).any():
         return "a tail log-mass is NaN or above 0"
     if (np.diff(logprobs, axis=1) > 0).any():
         return "captured log-probabilities are not in most-probable-first order"
-    if (np.diff(np.sort(row.topk_ids, axis=1), axis=1) == 0).any():
+    if (np.diff(np.sort(row.ids, axis=1), axis=1) == 0).any():
         return "an id is captured twice at one position"
     peak = logprobs[:, :1].astype(np.float64)
     captured = peak[:, 0] + np.log(np.exp(logprobs.astype(np.float64) - peak).sum(axis=1))
