@@ -13,7 +13,7 @@ import codecs
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,12 +43,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TextStream:
-    """An opened dataset: its documents, and how to name it in a manifest (no absolute paths)."""
+    """An opened dataset: its documents, and how to name it in a manifest (no absolute paths).
+
+    ``documents`` yields one string per dataset record, empty ones included, so the
+    ``i``-th document is record ``i`` (counted from 0 across all files). ``file_starts``
+    fills in as the documents are read: ``(file name, index of its first record)`` for
+    each local file reached so far.
+    """
 
     documents: Iterable[str]
     display: str
     builder: str
     skipped_files: tuple[str, ...] = ()  # text files left out as not UTF-8 (--txt-encoding-errors skip-file)
+    file_starts: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -182,9 +189,10 @@ def open_text_stream(
         display = source
         load_args = (source, config) if config else (source,)
     names = [_relative_name(p, path) for p in files]
+    file_starts: list[tuple[str, int]] = []
     try:
         dataset = load_dataset(*load_args, **kwargs)
-        records = _records(dataset, display, names)
+        records = _records(dataset, display, names, file_starts)
         first = next(records, None)
     except DatasetError:
         raise
@@ -200,7 +208,13 @@ def open_text_stream(
             "pick one with --text-column"
         )
     documents = (_text_of(record, text_column) for record in itertools.chain([first], records))
-    return TextStream(documents=documents, display=display, builder=builder, skipped_files=tuple(skipped))
+    return TextStream(
+        documents=documents,
+        display=display,
+        builder=builder,
+        skipped_files=tuple(skipped),
+        file_starts=file_starts,
+    )
 
 
 def _per_file(dataset: Any, names: list[str]) -> Iterator[tuple[str | None, Any]]:
@@ -221,9 +235,17 @@ def _per_file(dataset: Any, names: list[str]) -> Iterator[tuple[str | None, Any]
     yield from _per_file(dataset.shard(2, 1, contiguous=True), names[first.n_shards :])
 
 
-def _records(dataset: Any, display: str, names: list[str]) -> Iterator[dict[str, Any]]:
-    """The dataset's records in order; a read error becomes a :class:`DatasetError` naming the file if known."""
+def _records(
+    dataset: Any, display: str, names: list[str], file_starts: list[tuple[str, int]]
+) -> Iterator[dict[str, Any]]:
+    """The dataset's records in order; a read error becomes a :class:`DatasetError` naming the file if known.
+
+    Appends ``(file name, index of its first record)`` to ``file_starts`` as each file begins.
+    """
+    index = 0
     for name, part in _per_file(dataset, names):
+        if name is not None:
+            file_starts.append((name, index))
         iterator = iter(part)
         while True:
             try:
@@ -236,6 +258,7 @@ def _records(dataset: Any, display: str, names: list[str]) -> Iterator[dict[str,
                     f"cannot read {where} ({first_line(exc)}); fix or remove the damaged data, "
                     "then run the same command again"
                 ) from exc
+            index += 1
             yield record
 
 
@@ -250,52 +273,96 @@ def _text_of(record: dict[str, Any], column: str) -> str:
     return value
 
 
+def tokenize_records(
+    documents: Iterable[str], tokenizer: Any, batch_size: int = TOKENIZE_BATCH
+) -> Iterator[tuple[int, list[int]]]:
+    """``(record index, token ids)`` of each non-blank document: ids as the tokenizer encodes by default, then EOS.
+
+    The record index is the document's position in ``documents`` (blank ones counted).
+    """
+    eos = tokenizer.eos_token_id
+    iterator = enumerate(documents)
+    while batch := [(index, text) for index, text in itertools.islice(iterator, batch_size)]:
+        batch = [(index, text) for index, text in batch if text.strip()]
+        if not batch:
+            continue
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=True, verbose=False)["input_ids"]
+        for (index, _), ids in zip(batch, encoded):
+            yield index, list(ids) + ([eos] if eos is not None else [])
+
+
 def tokenize_documents(
     documents: Iterable[str], tokenizer: Any, batch_size: int = TOKENIZE_BATCH
 ) -> Iterator[list[int]]:
-    """Token ids of each document as the tokenizer encodes it by default, then EOS (if it has one)."""
-    eos = tokenizer.eos_token_id
-    iterator = iter(documents)
-    while batch := [text for text in itertools.islice(iterator, batch_size)]:
-        batch = [text for text in batch if text.strip()]
-        if not batch:
-            continue
-        encoded = tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]
-        for ids in encoded:
-            yield list(ids) + ([eos] if eos is not None else [])
+    """Token ids of each non-blank document as the tokenizer encodes it by default, then EOS (if it has one)."""
+    for _, ids in tokenize_records(documents, tokenizer, batch_size):
+        yield ids
 
 
 def skip_documents_with_ids_from(
-    token_lists: Iterable[list[int]], limit: int | None, skipped: SkippedDocuments
-) -> Iterator[list[int]]:
-    """Drop every document holding an id ``>= limit`` (one the teacher cannot embed), counting it in ``skipped``.
+    records: Iterable[tuple[int, list[int]]], limit: int | None, skipped: SkippedDocuments
+) -> Iterator[tuple[int, list[int]]]:
+    """Drop each ``(record, ids)`` holding an id ``>= limit`` (one the teacher cannot embed), counting it.
 
     ``limit=None`` passes everything through. The decision depends on the document alone,
     so a resumed pass skips exactly the documents an uninterrupted one skips.
     """
-    for ids in token_lists:
+    for record, ids in records:
         if limit is not None and ids and max(ids) >= limit:
             skipped.count += 1
             continue
-        yield ids
+        yield record, ids
 
 
-def pack_sequences(
-    token_lists: Iterable[list[int]], seq_len: int, max_sequences: int | None = None
-) -> Iterator[np.ndarray]:
-    """Concatenate documents and cut the stream into ``(seq_len,)`` int64 sequences.
+@dataclass(frozen=True)
+class PackedSequence:
+    """One packed sequence and where it starts in the dataset.
+
+    Attributes:
+        input_ids: ``(seq_len,)`` int64.
+        source_record: index of the dataset record holding the sequence's first token.
+        record_offset: that token's offset in the record's token ids (BOS counted).
+    """
+
+    input_ids: np.ndarray
+    source_record: int
+    record_offset: int
+
+
+def pack_records(
+    records: Iterable[tuple[int, list[int]]], seq_len: int, max_sequences: int | None = None
+) -> Iterator[PackedSequence]:
+    """Concatenate ``(record, ids)`` documents and cut the stream into sequences of ``seq_len`` tokens.
 
     The trailing partial sequence is dropped; at most ``max_sequences`` are produced.
     """
     if max_sequences is not None and max_sequences <= 0:
         return
     pending: list[int] = []
+    starts: list[tuple[int, int, int]] = []  # (position in pending, record, offset in the record at that position)
     produced = 0
-    for ids in token_lists:
+    for record, ids in records:
+        starts.append((len(pending), record, 0))
         pending.extend(ids)
         while len(pending) >= seq_len:
-            yield np.asarray(pending[:seq_len], dtype=np.int64)
+            _, first_record, first_offset = starts[0]
+            yield PackedSequence(np.asarray(pending[:seq_len], dtype=np.int64), first_record, first_offset)
             del pending[:seq_len]
+            starts = _after_cut(starts, seq_len)
             produced += 1
             if max_sequences is not None and produced >= max_sequences:
                 return
+
+
+def _after_cut(starts: list[tuple[int, int, int]], cut: int) -> list[tuple[int, int, int]]:
+    """``starts`` once ``cut`` tokens are taken off the front: the record holding the new first token, then the rest."""
+    position, record, offset = [start for start in starts if start[0] <= cut][-1]
+    return [(0, record, offset + cut - position)] + [(p - cut, r, o) for p, r, o in starts if p > cut]
+
+
+def pack_sequences(
+    token_lists: Iterable[list[int]], seq_len: int, max_sequences: int | None = None
+) -> Iterator[np.ndarray]:
+    """Concatenate documents and cut the stream into ``(seq_len,)`` int64 sequences (see :func:`pack_records`)."""
+    for packed in pack_records(enumerate(token_lists), seq_len, max_sequences):
+        yield packed.input_ids

@@ -42,9 +42,9 @@ from pipeline.data import (
     SkippedDocuments,
     TextStream,
     open_text_stream,
-    pack_sequences,
+    pack_records,
     skip_documents_with_ids_from,
-    tokenize_documents,
+    tokenize_records,
 )
 from pipeline.errors import ConfigError, DatasetError, OutputExistsError
 from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, TokenStreamHasher, sha256_file, tokenizer_fingerprint
@@ -312,8 +312,8 @@ def _write_cache(
     done_rows = committed[-1].first_seq + committed[-1].rows if committed else 0
     hasher = TokenStreamHasher()
     skipped = SkippedDocuments()
-    documents = skip_documents_with_ids_from(tokenize_documents(stream.documents, tokenizer), skip_from_id, skipped)
-    sequences = pack_sequences(documents, cfg.seq_len, cfg.max_sequences)
+    records = skip_documents_with_ids_from(tokenize_records(stream.documents, tokenizer), skip_from_id, skipped)
+    sequences = (packed.input_ids for packed in pack_records(records, cfg.seq_len, cfg.max_sequences))
     for sequence in itertools.islice(sequences, done_rows):  # already in committed shards
         hasher.update(sequence)
     try:

@@ -8,9 +8,11 @@ from pipeline.data import (
     SkippedDocuments,
     first_invalid_utf8,
     open_text_stream,
+    pack_records,
     pack_sequences,
     skip_documents_with_ids_from,
     tokenize_documents,
+    tokenize_records,
 )
 from pipeline.errors import DatasetError, SourceNotFoundError
 
@@ -174,7 +176,32 @@ def test_read_error_while_iterating_names_the_file(tmp_path):
 
 def test_documents_with_ids_from_the_limit_are_skipped_and_counted():
     skipped = SkippedDocuments()
-    kept = list(skip_documents_with_ids_from([[1, 2], [3, 9], [], [4, 10, 5]], 9, skipped))
-    assert kept == [[1, 2], []]
+    records = [(0, [1, 2]), (1, [3, 9]), (2, []), (3, [4, 10, 5])]
+    kept = list(skip_documents_with_ids_from(records, 9, skipped))
+    assert kept == [(0, [1, 2]), (2, [])]
     assert skipped.count == 2
-    assert list(skip_documents_with_ids_from([[1, 99]], None, skipped)) == [[1, 99]]
+    assert list(skip_documents_with_ids_from([(0, [1, 99])], None, skipped)) == [(0, [1, 99])]
+
+
+def test_each_packed_sequence_names_the_record_and_offset_of_its_first_token():
+    records = [(0, [10, 11, 12]), (2, [20, 21, 22, 23, 24, 25, 26]), (3, [30]), (5, [40, 41, 42, 43])]
+    packed = list(pack_records(records, seq_len=4))
+    stream = [token for _, ids in records for token in ids]
+    origin = [(record, offset) for record, ids in records for offset in range(len(ids))]
+    assert len(packed) == len(stream) // 4
+    for number, sequence in enumerate(packed):
+        assert sequence.input_ids.tolist() == stream[number * 4 : number * 4 + 4]
+        assert (sequence.source_record, sequence.record_offset) == origin[number * 4]
+
+
+def test_record_indices_count_blank_documents(tokenizer):
+    indexed = list(tokenize_records(["first words", "", "   ", "fourth words"], tokenizer))
+    assert [index for index, _ in indexed] == [0, 3]
+
+
+def test_file_starts_name_each_file_with_its_first_record(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a0"}\n{"text": ""}\n{"text": "a2"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b0"}\n')
+    stream = open_text_stream(str(tmp_path))
+    assert list(stream.documents) == ["a0", "", "a2", "b0"]
+    assert stream.file_starts == [("a.jsonl", 0), ("b.jsonl", 3)]
