@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 Strategy = Literal["topk", "topp", "sample", "hybrid"]
 STRATEGIES: tuple[str, ...] = ("topk", "topp", "sample", "hybrid")
+MAX_SAMPLES = 65535
 
 
 @dataclass(frozen=True)
@@ -66,27 +67,29 @@ class CaptureSpec:
         """Whether positions capture different numbers of ids (``lengths`` is stored)."""
         return self.strategy != "topk"
 
-    def problem(self, logit_width: int) -> str | None:
-        """What is wrong with these settings for a teacher of ``logit_width`` logits, or ``None``."""
+    def problem(self, logit_width: int | None = None) -> str | None:
+        """What is wrong with these settings, or ``None``; with ``logit_width``, also against the teacher's width."""
         if self.strategy not in STRATEGIES:
             return f"capture strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}"
-        if self.strategy in ("topk", "hybrid") and not (self.k and 1 <= self.k <= logit_width):
-            return f"--top-k must be between 1 and the teacher's {logit_width} logits, got {self.k}"
+        width = logit_width if logit_width is not None else 2**32
+        teacher = f"the teacher's {logit_width} logits" if logit_width is not None else "2^32"
+        if self.strategy in ("topk", "hybrid") and not (self.k is not None and 1 <= self.k <= width):
+            return f"--top-k {self.k} must be between 1 and {teacher}"
+        if self.strategy == "hybrid" and logit_width is not None and self.k >= logit_width:
+            return f"--top-k {self.k} leaves nothing of the teacher's {logit_width} logits to sample; lower it"
         if self.strategy == "topp":
             if self.top_p is None or not (0.0 < self.top_p <= 1.0):
-                return f"--top-p must be in (0, 1], got {self.top_p}"
-            if not (self.min_k and self.max_k and 1 <= self.min_k <= self.max_k <= logit_width):
-                return f"--min-k and --max-k must satisfy 1 <= min-k <= max-k <= {logit_width}"
+                return f"--top-p {self.top_p} must be in (0, 1]"
+            if not (self.min_k is not None and self.max_k is not None and 1 <= self.min_k <= self.max_k <= width):
+                return f"--min-k {self.min_k} and --max-k {self.max_k} must satisfy 1 <= min-k <= max-k <= {teacher}"
         if self.strategy in ("sample", "hybrid"):
-            if not (self.samples and 1 <= self.samples <= 65535):
-                return f"--samples must be between 1 and 65535, got {self.samples}"
+            if not (self.samples is not None and 1 <= self.samples <= MAX_SAMPLES):
+                return f"--samples {self.samples} must be between 1 and {MAX_SAMPLES}"
             temperature = self.sample_temperature
             if temperature is None or not (math.isfinite(temperature) and temperature > 0):
-                return f"--sample-temperature must be a positive number, got {temperature}"
+                return f"--sample-temperature {temperature} must be a positive number"
             if self.seed is None or not (0 <= self.seed < 2**63):
-                return f"--seed must be between 0 and 2^63 - 1, got {self.seed}"
-        if self.strategy == "hybrid" and self.k is not None and self.k >= logit_width:
-            return "hybrid capture needs --top-k below the teacher's logits, so something is left to sample"
+                return f"--seed {self.seed} must be between 0 and 2^63 - 1"
         return None
 
     def to_json(self) -> dict[str, Any]:

@@ -11,7 +11,15 @@ from typing import Any
 
 import click
 
-from pipeline.config import DEFAULT_SEQ_LEN, DEFAULT_SHARD_TOKENS, DEFAULT_TOP_K, StudentTrainConfig, TeacherCacheConfig
+from pipeline.config import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_SHARD_TOKENS,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    StudentTrainConfig,
+    TeacherCacheConfig,
+)
 from pipeline.errors import DistillError
 
 
@@ -64,7 +72,33 @@ def main(verbose: bool, quiet: bool) -> None:
 )
 @click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Tokens per packed sequence.")
 @click.option("--max-tokens", type=int, default=None, help="Stop after this many packed tokens.")
-@click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="Next-token ids kept per position.")
+@click.option(
+    "--capture",
+    type=click.Choice(["topk", "topp", "sample", "hybrid"]),
+    default="topk",
+    show_default=True,
+    help="What to keep per position: the top-k ids, the top-p set, sampled ids with counts, or a top-k head "
+    "plus samples from the rest.",
+)
+@click.option(
+    "--top-k", type=int, default=None, help=f"topk: ids kept per position [{DEFAULT_TOP_K}]; hybrid: the head [16]."
+)
+@click.option("--top-p", type=float, default=DEFAULT_TOP_P, show_default=True, help="topp: cumulative probability.")
+@click.option("--min-k", type=int, default=1, show_default=True, help="topp: fewest ids per position.")
+@click.option("--max-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="topp: most ids per position.")
+@click.option(
+    "--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="sample, hybrid: draws per position."
+)
+@click.option(
+    "--sample-temperature", type=float, default=1.0, show_default=True, help="sample, hybrid: temperature of the draws."
+)
+@click.option(
+    "--sample-logprobs",
+    is_flag=True,
+    help="sample: also store the teacher's log-probabilities of the drawn ids (needed for --temperature other "
+    "than the draws' in the student pass; costs bytes).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="sample, hybrid: seed of the draws.")
 @click.option(
     "--dtype",
     type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -83,7 +117,7 @@ def main(verbose: bool, quiet: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out.")
 @_one_line_errors
 def teacher_cache(**options: Any) -> None:
-    """Stream a dataset through the teacher once and write its top-k distributions to a cache."""
+    """Stream a dataset through the teacher once and write its sparse next-token distributions to a cache."""
     from pipeline.teacher import run_teacher_cache
 
     summary = run_teacher_cache(TeacherCacheConfig(**options))

@@ -8,9 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pipeline.capture_spec import STRATEGIES, CaptureSpec
 from pipeline.errors import ConfigError
 
 DEFAULT_TOP_K = 64
+DEFAULT_TOP_P = 0.99
+DEFAULT_SAMPLES = 50
+DEFAULT_HYBRID_HEAD = 16
 DEFAULT_SEQ_LEN = 512
 DEFAULT_SHARD_TOKENS = 1 << 18
 
@@ -29,7 +33,15 @@ class TeacherCacheConfig:
     txt_encoding_errors: Literal["strict", "replace", "skip-file"] = "strict"
     seq_len: int = DEFAULT_SEQ_LEN
     max_tokens: int | None = None
-    top_k: int = DEFAULT_TOP_K
+    capture: Literal["topk", "topp", "sample", "hybrid"] = "topk"
+    top_k: int | None = None
+    top_p: float = DEFAULT_TOP_P
+    min_k: int = 1
+    max_k: int = DEFAULT_TOP_K
+    samples: int = DEFAULT_SAMPLES
+    sample_temperature: float = 1.0
+    sample_logprobs: bool = False
+    seed: int = 0
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     device: str = "auto"
     batch_size: int = 8
@@ -40,8 +52,13 @@ class TeacherCacheConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise ConfigError(f"--seq-len {self.seq_len} is too small; use at least 2")
-        if self.top_k < 1:
-            raise ConfigError(f"--top-k {self.top_k} must be at least 1")
+        if self.capture not in STRATEGIES:
+            raise ConfigError(f"--capture {self.capture} is not one of {', '.join(STRATEGIES)}")
+        if self.top_k is not None and self.capture not in ("topk", "hybrid"):
+            raise ConfigError(f"--top-k applies to --capture topk and hybrid, not {self.capture}; use --max-k for topp")
+        problem = self.capture_spec().problem()
+        if problem:
+            raise ConfigError(problem)
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
@@ -56,6 +73,17 @@ class TeacherCacheConfig:
             raise ConfigError(
                 f"--txt-encoding-errors {self.txt_encoding_errors} is not one of strict, replace, skip-file"
             )
+
+    def capture_spec(self) -> CaptureSpec:
+        """The capture these settings ask for (checked against the teacher's width once it is known)."""
+        if self.capture == "topk":
+            return CaptureSpec("topk", k=DEFAULT_TOP_K if self.top_k is None else self.top_k)
+        if self.capture == "topp":
+            return CaptureSpec("topp", k=None, top_p=self.top_p, min_k=self.min_k, max_k=self.max_k)
+        sampled = {"samples": self.samples, "sample_temperature": self.sample_temperature, "seed": self.seed}
+        if self.capture == "sample":
+            return CaptureSpec("sample", k=None, sample_logprobs=self.sample_logprobs, **sampled)
+        return CaptureSpec("hybrid", k=DEFAULT_HYBRID_HEAD if self.top_k is None else self.top_k, **sampled)
 
     @property
     def max_sequences(self) -> int | None:

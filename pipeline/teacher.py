@@ -147,8 +147,11 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
     tokenizer = models.load_tokenizer(teacher_source, "teacher", cfg.trust_remote_code)
     config = models.load_config(teacher_source, "teacher", cfg.trust_remote_code)
     width = models.logit_width(config)
-    if cfg.top_k > width:
-        raise ConfigError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({width} logits); lower it")
+    problem = cfg.capture_spec().problem(width)
+    if problem:
+        raise ConfigError(problem)
+    if cfg.capture != "topk":
+        raise ConfigError(f"--capture {cfg.capture} is not written by this version yet; use --capture topk")
     limit = models.max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} positions; lower it")
@@ -328,7 +331,7 @@ def _write_cache(
                 device,
                 dtype,
                 stream.display,
-                cfg.top_k,
+                cfg.capture_spec().k,
                 cfg.seq_len,
                 f"; resuming after {done_rows} sequences" if done_rows else "",
             )
@@ -354,6 +357,7 @@ def _write_cache(
                 mininterval=1.0,
             )
             seq_index = done_rows
+            capture_k = cfg.capture_spec().k
             checked = False
             for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
                 assert int(batch.max()) < embedding_rows, "documents with unembeddable ids are skipped upstream"
@@ -361,7 +365,7 @@ def _write_cache(
                 if not checked:
                     head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                     checked = True
-                topk_ids, topk_logprobs, tail_logmass = capture_batch(head, input_ids, cfg.top_k, chunk_positions)
+                topk_ids, topk_logprobs, tail_logmass = capture_batch(head, input_ids, capture_k, chunk_positions)
                 for row in range(batch.shape[0]):
                     hasher.update(batch[row])
                     frames = codec.encode_row(
@@ -435,7 +439,7 @@ def cache_header(
         "format": layout.FORMAT_NAME,
         "format_version": layout.FORMAT_VERSION,
         "codec": {"name": codec.CODEC_NAME, "version": codec.CODEC_VERSION, "columns": codec.COLUMN_DTYPES},
-        "capture": {"strategy": "topk", "k": cfg.top_k, "logprob_temperature": 1.0, "log_base": "e"},
+        "capture": {"strategy": "topk", "k": cfg.capture_spec().k, "logprob_temperature": 1.0, "log_base": "e"},
         "position_convention": "row position t holds the teacher's distribution over token t+1",
         "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
         "compute": {"device_type": device.type, "batch_size": cfg.batch_size},

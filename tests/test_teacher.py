@@ -155,7 +155,7 @@ def test_seq_len_out_of_range(base):
 
 def test_top_k_out_of_range(base):
     assert "--top-k 0" in bad(*base, "--top-k", "0")
-    assert f"exceeds the teacher's vocabulary ({LOGIT_WIDTH}" in bad(*base, "--top-k", str(LOGIT_WIDTH + 1))
+    assert f"between 1 and the teacher's {LOGIT_WIDTH} logits" in bad(*base, "--top-k", str(LOGIT_WIDTH + 1))
 
 
 def test_max_tokens_below_one_sequence(base):
