@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import codec
+from pipeline.capture_spec import MAX_SAMPLES, STRATEGIES, CaptureSpec
 from pipeline.errors import CacheError
 
 FORMAT_NAME = "distill-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this reader accepts: 1 (top-k, codec shuffle-zstd/1) and 2 (every capture, column registry).
+FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_FIELD = "manifest_sha256"
 SHARD_PATTERN = re.compile(r"shard-\d{5,9}\.arrow")
@@ -29,7 +32,10 @@ MAX_SHARDS = 1_000_000
 MAX_ROWS_PER_SHARD = 1 << 20
 MAX_SEQ_LEN = 1 << 20
 MAX_K = 1 << 16
-MAX_LOGIT_WIDTH = 1 << 24
+MAX_LOGIT_WIDTH = 1 << 32
+MAX_LOGIT_WIDTH_V1 = 1 << 24
+MAX_COLUMNS = 64
+COLUMN_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_SHARD_BYTES = 1 << 40
 # A row decodes to about 14 bytes per entry of seq_len x k (int64 ids, float32 values, and
 # their encoded forms while decoding): 2**23 entries keep one decoded row under 128 MiB.
@@ -86,13 +92,42 @@ class TokenizerFile:
 
 
 @dataclass(frozen=True)
+class Column:
+    """One entry of a version 2 manifest's column registry.
+
+    Attributes:
+        name: the Arrow column's name.
+        kind: what it holds (``tokens``, ``ids``, ``logprobs``, ...).
+        encoding: how its cells are encoded, with a version (e.g. a codec's name).
+        required: whether a reader that does not know ``encoding`` must refuse the cache
+            (``False``: it may skip the column).
+    """
+
+    name: str
+    kind: str
+    encoding: str
+    required: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "encoding": self.encoding, "required": self.required}
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """A validated manifest. ``raw`` is the parsed JSON; the fields are what readers need."""
+    """A validated manifest. ``raw`` is the parsed JSON; the fields are what readers need.
+
+    ``k`` is the most ids a position holds (``capture.slots``): ``k`` for top-k caches.
+    ``columns`` is the version 2 column registry (empty for version 1, whose columns are fixed).
+    """
 
     raw: dict[str, Any]
     seq_len: int
     k: int
     logit_width: int
+    format_version: int
+    capture: CaptureSpec
+    codec: dict[str, Any]
+    columns: tuple[Column, ...]
     tokenizer_fingerprint: str
     tokenizer_fingerprint_version: int
     token_stream_sha256: str
@@ -218,30 +253,32 @@ def parse_manifest(data: bytes) -> Manifest:
     if raw.get("format") != FORMAT_NAME:
         raise CacheError(f"{MANIFEST_NAME} is not a {FORMAT_NAME} manifest (format field missing or different)")
     version = _field(raw, "format_version", int, "")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise CacheError(
-            f"cache format version {version} is not supported (this reader knows {FORMAT_VERSION}); "
-            "upgrade the package to read it"
+            f"cache format version {version} is not supported (this reader knows "
+            f"{', '.join(map(str, FORMAT_VERSIONS))}); upgrade the package to read it"
         )
     _check_numbers(raw)
     stored = _field(raw, CHECKSUM_FIELD, str, "")
     if stored != content_checksum(raw):
         raise CacheError(f"{MANIFEST_NAME} fails its own checksum ({CHECKSUM_FIELD}); the manifest is damaged")
     codec_info = _field(raw, "codec", dict, "")
-    if codec_info.get("name") != codec.CODEC_NAME or codec_info.get("version") != codec.CODEC_VERSION:
-        raise CacheError(
-            f"codec {str(codec_info.get('name'))[:40]}/{str(codec_info.get('version'))[:20]} is not supported "
-            f"(this reader knows {codec.CODEC_NAME}/{codec.CODEC_VERSION}); upgrade the package"
-        )
-    _equal(codec_info, "columns", "codec.", codec.COLUMN_DTYPES, f"{codec.CODEC_NAME}/{codec.CODEC_VERSION} stores")
-    capture = _field(raw, "capture", dict, "")
-    if capture.get("strategy") != "topk":
-        shown = str(capture.get("strategy"))[:40]
-        raise CacheError(f"capture strategy {shown!r} is not supported; upgrade the package")
-    _equal(capture, "logprob_temperature", "capture.", 1.0, "log-probabilities are stored at temperature")
-    _equal(capture, "log_base", "capture.", "e", "log-probabilities are natural logs:")
-    width = _int_in(raw, "logit_width", "", 1, MAX_LOGIT_WIDTH)
-    k = _int_in(capture, "k", "capture.", 1, min(MAX_K, width))
+    width = _int_in(raw, "logit_width", "", 1, MAX_LOGIT_WIDTH if version >= 2 else MAX_LOGIT_WIDTH_V1)
+    capture_info = _field(raw, "capture", dict, "")
+    _equal(capture_info, "logprob_temperature", "capture.", 1.0, "log-probabilities are stored at temperature")
+    _equal(capture_info, "log_base", "capture.", "e", "log-probabilities are natural logs:")
+    if version == 1:
+        _check_codec_v1(codec_info)
+        if capture_info.get("strategy") != "topk":
+            shown = str(capture_info.get("strategy"))[:40]
+            raise CacheError(f"capture strategy {shown!r} is not part of format version 1; the manifest is damaged")
+        capture = CaptureSpec("topk", k=_int_in(capture_info, "k", "capture.", 1, min(MAX_K, width)))
+        columns: tuple[Column, ...] = ()
+    else:
+        capture = _capture(capture_info, width)
+        columns = _columns(_field(raw, "columns", list, ""))
+        check_codec_v2(codec_info, columns, capture)
+    k = capture.slots
     seq_len = _int_in(raw, "seq_len", "", 2, MAX_SEQ_LEN)
     if seq_len * k > MAX_ROW_ENTRIES:
         raise CacheError(
@@ -282,17 +319,116 @@ def parse_manifest(data: bytes) -> Manifest:
     for key, expected in checks:
         if _field(totals, key, int, "totals.") != expected:
             raise CacheError(f"manifest: totals.{key} does not add up (the shards give {expected})")
+    if "files" in dataset:
+        _dataset_files(_field(dataset, "files", list, "dataset."))
     return Manifest(
         raw=raw,
         seq_len=seq_len,
         k=k,
         logit_width=width,
+        format_version=version,
+        capture=capture,
+        codec=codec_info,
+        columns=columns,
         tokenizer_fingerprint=fingerprint,
         tokenizer_fingerprint_version=fingerprint_version,
         token_stream_sha256=token_stream,
         tokenizer_files=tokenizer_files,
         shards=tuple(shards),
     )
+
+
+def _check_codec_v1(codec_info: dict[str, Any]) -> None:
+    if codec_info.get("name") != codec.CODEC_NAME or codec_info.get("version") != codec.CODEC_VERSION:
+        raise CacheError(
+            f"codec {str(codec_info.get('name'))[:40]}/{str(codec_info.get('version'))[:20]} is not supported "
+            f"(this reader knows {codec.CODEC_NAME}/{codec.CODEC_VERSION}); upgrade the package"
+        )
+    _equal(codec_info, "columns", "codec.", codec.COLUMN_DTYPES, f"{codec.CODEC_NAME}/{codec.CODEC_VERSION} stores")
+
+
+def check_codec_v2(codec_info: dict[str, Any], columns: tuple[Column, ...], capture: CaptureSpec) -> None:
+    """Refuse a version 2 codec this reader does not know, or whose settings do not fit the capture."""
+    from pipeline import codec_v2
+
+    problem = codec_v2.codec_problem(codec_info, [column.to_json() for column in columns], capture)
+    if problem:
+        raise CacheError(f"manifest: {problem}")
+
+
+# capture parameter -> (JSON type, low, high) for the integer and float ones; each strategy uses some.
+_CAPTURE_FIELDS: dict[str, tuple[str, ...]] = {
+    "topk": ("k",),
+    "topp": ("top_p", "min_k", "max_k"),
+    "sample": ("samples", "sample_temperature", "sample_logprobs", "seed"),
+    "hybrid": ("k", "samples", "sample_temperature", "seed"),
+}
+
+
+def _capture(capture: dict[str, Any], width: int) -> CaptureSpec:
+    """The capture strategy and its parameters, each checked for type and range."""
+    strategy = _field(capture, "strategy", str, "capture.")
+    if strategy not in STRATEGIES:
+        raise CacheError(f"capture strategy {strategy[:40]!r} is not supported; upgrade the package")
+    values: dict[str, Any] = {}
+    for key in _CAPTURE_FIELDS[strategy]:
+        if key in ("k", "min_k", "max_k"):
+            values[key] = _int_in(capture, key, "capture.", 1, min(MAX_K, width))
+        elif key == "samples":
+            values[key] = _int_in(capture, key, "capture.", 1, MAX_SAMPLES)
+        elif key == "seed":
+            values[key] = _int_in(capture, key, "capture.", 0, 2**63 - 1)
+        elif key == "sample_logprobs":
+            values[key] = _field(capture, key, bool, "capture.")
+        else:
+            number = capture.get(key)
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise CacheError(f"manifest: field 'capture.{key}' should be a number, got {_json_type(number)}")
+            values[key] = float(number)
+    spec = CaptureSpec(strategy=strategy, **{"k": None, **values})  # type: ignore[arg-type]
+    problem = spec.problem(width)
+    if problem:
+        raise CacheError(f"manifest: capture settings are inconsistent ({problem.replace('--', '')})")
+    if spec.slots > MAX_K:
+        raise CacheError(f"manifest: capture holds up to {spec.slots} ids per position, more than {MAX_K}")
+    return spec
+
+
+def _columns(items: list[Any]) -> tuple[Column, ...]:
+    if not items or len(items) > MAX_COLUMNS:
+        raise CacheError(f"manifest: columns lists {len(items)} entries; expected 1 to {MAX_COLUMNS}")
+    columns: list[Column] = []
+    for number, item in enumerate(items):
+        where = f"columns[{number}]."
+        if not isinstance(item, dict):
+            raise CacheError(f"manifest: columns[{number}] should be an object, got {_json_type(item)}")
+        name = _field(item, "name", str, where)
+        if not COLUMN_NAME.fullmatch(name) or name == "seq_index":
+            raise CacheError(f"manifest: column name {name[:80]!r} is not a lowercase identifier (or is reserved)")
+        if any(known.name == name for known in columns):
+            raise CacheError(f"manifest: column '{name}' is listed twice")
+        column = Column(
+            name=name,
+            kind=_field(item, "kind", str, where)[:64],
+            encoding=_field(item, "encoding", str, where)[:64],
+            required=_field(item, "required", bool, where),
+        )
+        columns.append(column)
+    return tuple(columns)
+
+
+def _dataset_files(items: list[Any]) -> None:
+    """``dataset.files``: each local file's name and the index of its first record, in order."""
+    previous = -1
+    for number, item in enumerate(items):
+        where = f"dataset.files[{number}]."
+        if not isinstance(item, dict):
+            raise CacheError(f"manifest: dataset.files[{number}] should be an object, got {_json_type(item)}")
+        _field(item, "name", str, where)
+        first = _int_in(item, "first_record", where, 0, 2**63 - 1)
+        if first < previous:
+            raise CacheError(f"manifest: dataset.files[{number}].first_record goes backwards")
+        previous = first
 
 
 def _check_teacher(teacher: dict[str, Any]) -> None:

@@ -437,7 +437,7 @@ def cache_header(
     """
     return {
         "format": layout.FORMAT_NAME,
-        "format_version": layout.FORMAT_VERSION,
+        "format_version": 1,
         "codec": {"name": codec.CODEC_NAME, "version": codec.CODEC_VERSION, "columns": codec.COLUMN_DTYPES},
         "capture": {"strategy": "topk", "k": cfg.capture_spec().k, "logprob_temperature": 1.0, "log_base": "e"},
         "position_convention": "row position t holds the teacher's distribution over token t+1",

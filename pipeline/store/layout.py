@@ -16,7 +16,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline import codec
-from pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, shard_name
+from pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, Column, shard_name
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_PATTERN", "shard_name"]
 
@@ -26,11 +26,14 @@ LOCK_NAME = ".lock"
 TOKENIZER_DIR = "tokenizer"
 # Rows per Arrow record batch as written; readers accept any count up to the shard's rows.
 RECORD_BATCH_ROWS = 16
+# Registry encodings stored as plain Arrow int64 values; every other column holds one frame per cell.
+INT64_ENCODING = "int64"
 SCHEMA_METADATA = {
     "distill.format": FORMAT_NAME,
-    "distill.format_version": str(FORMAT_VERSION),
+    "distill.format_version": "1",
     "distill.codec": f"{codec.CODEC_NAME}/{codec.CODEC_VERSION}",
 }
+# The version 1 schema, fixed.
 SCHEMA = pa.schema(
     [
         pa.field("seq_index", pa.int64(), nullable=False),
@@ -41,3 +44,20 @@ SCHEMA = pa.schema(
     ],
     metadata=SCHEMA_METADATA,
 )
+
+
+def schema_metadata(format_version: int, codec_label: str) -> dict[str, str]:
+    """The metadata keys every shard's schema carries: format, its version, and the codec as ``name/version``."""
+    return {"distill.format": FORMAT_NAME, "distill.format_version": str(format_version), "distill.codec": codec_label}
+
+
+def column_type(column: Column) -> pa.DataType:
+    """A registry column's Arrow type: int64 for plain integers, binary (one frame per cell) otherwise."""
+    return pa.int64() if column.encoding == INT64_ENCODING else pa.binary()
+
+
+def schema_v2(columns: tuple[Column, ...] | list[Column], codec_label: str) -> pa.Schema:
+    """A version 2 shard's schema: ``seq_index``, then the registry's columns in order, none nullable."""
+    fields = [pa.field("seq_index", pa.int64(), nullable=False)]
+    fields += [pa.field(column.name, column_type(column), nullable=False) for column in columns]
+    return pa.schema(fields, metadata=schema_metadata(FORMAT_VERSION, codec_label))

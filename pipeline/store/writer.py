@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import codec
 from pipeline.fingerprint import sha256_file
 from pipeline.manifest import MANIFEST_NAME, ShardEntry, render_manifest
 from pipeline.store.atomic import crash_point, fsync_dir, write_bytes_atomic
@@ -24,7 +23,8 @@ class ShardWriter:
     for each row. Leaving the block normally commits the last partial shard; leaving it by an
     exception drops the shard in progress (committed shards stay). ``shards`` lists what is
     committed. ``committed`` continues a resumed pass after its shards; ``on_commit(shards)``
-    runs after each shard is renamed into place (the journal).
+    runs after each shard is renamed into place (the journal). ``schema`` names the columns
+    after ``seq_index``: each row's ``cells`` give a frame (binary columns) or an int (int64).
     """
 
     def __init__(
@@ -33,12 +33,14 @@ class ShardWriter:
         rows_per_shard: int,
         committed: list[ShardEntry] | None = None,
         on_commit: Callable[[list[ShardEntry]], None] | None = None,
+        schema: pa.Schema = SCHEMA,
     ) -> None:
         self.cache_dir = cache_dir
+        self.schema = schema
         self.rows_per_shard = rows_per_shard
         self.shards: list[ShardEntry] = list(committed or [])
         self.on_commit = on_commit
-        self._pending: list[tuple[int, dict[str, bytes]]] = []
+        self._pending: list[tuple[int, dict[str, bytes | int]]] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._sink: pa.OSFile | None = None
         self._rows = 0
@@ -58,13 +60,13 @@ class ShardWriter:
     def _tmp_path(self) -> Path:
         return self.cache_dir / f".{shard_name(len(self.shards))}.tmp"
 
-    def add(self, seq_index: int, frames: dict[str, bytes], n_tokens: int) -> None:
+    def add(self, seq_index: int, cells: dict[str, bytes | int], n_tokens: int) -> None:
         if self._writer is None:
             self._sink = pa.OSFile(str(self._tmp_path), "wb")
             options = pa.ipc.IpcWriteOptions(compression=None)
-            self._writer = pa.ipc.new_file(self._sink, SCHEMA, options=options)
+            self._writer = pa.ipc.new_file(self._sink, self.schema, options=options)
             self._first_seq = seq_index
-        self._pending.append((seq_index, frames))
+        self._pending.append((seq_index, cells))
         self._rows += 1
         self._tokens += n_tokens
         if len(self._pending) >= RECORD_BATCH_ROWS:
@@ -76,9 +78,10 @@ class ShardWriter:
         if not self._pending or self._writer is None:
             return
         columns = {"seq_index": pa.array([index for index, _ in self._pending], type=pa.int64())}
-        for name in codec.PAYLOAD_COLUMNS:
-            columns[name] = pa.array([frames[name] for _, frames in self._pending], type=pa.binary())
-        self._writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=SCHEMA))
+        for field in self.schema:
+            if field.name != "seq_index":
+                columns[field.name] = pa.array([cells[field.name] for _, cells in self._pending], type=field.type)
+        self._writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=self.schema))
         self._pending.clear()
         self._sink.flush()  # type: ignore[union-attr]
         crash_point("record-batch")
