@@ -5,11 +5,13 @@ Example::
     import pipeline
     cache = pipeline.open_cache("caches/run1")
     print(cache.manifest.k, len(cache))
-    for row in cache:
+    for row in cache:          # pipeline.rows.SparseRow, whatever the capture
         row.input_ids       # (T,) int64
-        row.topk_ids        # (T, k) int64, most probable first
-        row.topk_logprobs   # (T, k) float32, natural log, temperature 1
-        row.tail_logmass    # (T,) float32, -inf where nothing is left out
+        row.ids             # (T, K) int64 captured ids (most probable first for top-k)
+        row.logprobs        # (T, K) float32, natural log, temperature 1 (None if not stored)
+        row.tail_logmass    # (T,) float32, -inf where nothing is left out (None if not stored)
+        row.counts          # (T, K) int32 draws per id for sampled captures, else None
+        row.valid()         # (T, K) bool: slots holding an id (top-p and sampled rows vary)
 
 Position ``t`` holds the teacher's distribution over token ``t + 1``.
 """
@@ -76,22 +78,32 @@ class Cache:
         """``(seq_index, row)`` pairs of one shard."""
         return iter_shard_rows(self.path, entry, self.manifest, verify=self.verify)
 
-    def shuffled_rows(self, seed: int, epoch: int = 0, shard_subset: list[int] | None = None) -> Iterator[SparseRow]:
+    def shuffled_rows(
+        self, seed: int, epoch: int = 0, shard_subset: list[int] | None = None, start: int = 0
+    ) -> Iterator[SparseRow]:
         """Rows in a seeded order: shards in a random order, rows shuffled within each shard.
 
         Memory holds one shard's encoded frames at a time; a row is decoded (and checked)
-        only when it is yielded. The order depends only on ``(seed, epoch)``.
+        only when it is yielded. The order depends only on ``(seed, epoch)``. ``start`` rows
+        of that order are skipped without reading their shards or decoding their rows, so a
+        resumed run continues where it stopped at the cost of the rows it trains on.
         """
         generator = np.random.default_rng([seed, epoch])
         shard_order = generator.permutation(len(self.manifest.shards))
         wanted = None if shard_subset is None else set(shard_subset)
+        to_skip = start
         for shard_index in shard_order:
             if wanted is not None and int(shard_index) not in wanted:
                 continue
             entry = self.manifest.shards[int(shard_index)]
+            row_order = generator.permutation(entry.rows)  # drawn even when skipped: the order stays the same
+            if to_skip >= entry.rows:
+                to_skip -= entry.rows
+                continue
             frames = [row for _, row in iter_shard_frames(self.path, entry, self.manifest, verify=self.verify)]
-            for row_index in generator.permutation(len(frames)):
+            for row_index in row_order[to_skip:]:
                 yield decode_checked_row(frames[int(row_index)], self.manifest, entry.name)
+            to_skip = 0
 
 
 def open_cache(path: str | Path, verify: bool = True) -> Cache:

@@ -25,6 +25,8 @@ from typing import Any, Literal
 Strategy = Literal["topk", "topp", "sample", "hybrid"]
 STRATEGIES: tuple[str, ...] = ("topk", "topp", "sample", "hybrid")
 MAX_SAMPLES = 65535
+# The counter-based generator that keys draws by (seed, global position, draw); see pipeline.capture.
+GENERATOR_NAME = "splitmix64-counter/1"
 
 
 @dataclass(frozen=True)

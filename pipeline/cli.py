@@ -100,6 +100,20 @@ def main(verbose: bool, quiet: bool) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="sample, hybrid: seed of the draws.")
 @click.option(
+    "--codec-mode",
+    type=click.Choice(["quantized", "lossless"]),
+    default="quantized",
+    show_default=True,
+    help="quantized: log-probabilities within --logprob-step / 2 of the teacher's; lossless: exact at float16.",
+)
+@click.option(
+    "--logprob-step",
+    type=float,
+    default=0.125,
+    show_default=True,
+    help="quantized: log-probability step in nats (about step^2 / 24 nats of KL).",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["fp32", "bf16", "fp16"]),
     default=None,

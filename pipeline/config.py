@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pipeline.capture_spec import STRATEGIES, CaptureSpec
+from pipeline.codec_v2 import CodecSettings
 from pipeline.errors import ConfigError
 
 DEFAULT_TOP_K = 64
@@ -42,6 +43,8 @@ class TeacherCacheConfig:
     sample_temperature: float = 1.0
     sample_logprobs: bool = False
     seed: int = 0
+    codec_mode: Literal["quantized", "lossless"] = "quantized"
+    logprob_step: float = 0.125
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     device: str = "auto"
     batch_size: int = 8
@@ -59,6 +62,9 @@ class TeacherCacheConfig:
         problem = self.capture_spec().problem()
         if problem:
             raise ConfigError(problem)
+        problem = self.codec_settings().problem()
+        if problem:
+            raise ConfigError(problem)
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size} must be at least 1")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
@@ -73,6 +79,11 @@ class TeacherCacheConfig:
             raise ConfigError(
                 f"--txt-encoding-errors {self.txt_encoding_errors} is not one of strict, replace, skip-file"
             )
+
+    def codec_settings(self) -> CodecSettings:
+        """How the cache encodes values (``--codec-mode``, ``--logprob-step``)."""
+        step = self.logprob_step if self.codec_mode == "quantized" else None
+        return CodecSettings(mode=self.codec_mode, logprob_step=step)
 
     def capture_spec(self) -> CaptureSpec:
         """The capture these settings ask for (checked against the teacher's width once it is known)."""

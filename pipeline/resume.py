@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Fields a finished manifest adds to the header: results, not settings.
 RESULT_FIELDS = ("totals", "shards", CHECKSUM_FIELD)
-RESULT_SUBFIELDS = (("dataset", "token_stream_sha256"), ("tokenizer", "files"))
+RESULT_SUBFIELDS = (("dataset", "token_stream_sha256"), ("dataset", "files"), ("tokenizer", "files"))
 CACHE_NAMES = (MANIFEST_NAME, layout.RUN_LOG_NAME, layout.JOURNAL_NAME, layout.LOCK_NAME, layout.TOKENIZER_DIR)
 
 

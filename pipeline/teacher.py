@@ -1,4 +1,4 @@
-"""The teacher pass: dataset -> packed sequences -> teacher forward -> top-k -> shards -> manifest.
+"""The teacher pass: dataset -> packed sequences -> teacher forward -> capture -> shards -> manifest.
 
 The loop reads top to bottom: batch, forward (backbone once, LM head a chunk of
 positions at a time so full-vocabulary logits never exist for the whole batch and never
@@ -35,10 +35,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import codec, models, paths
-from pipeline.capture import capture_topk
+from pipeline import codec_v2, models, paths
+from pipeline.capture import capture
+from pipeline.capture_spec import GENERATOR_NAME, CaptureSpec
 from pipeline.config import TeacherCacheConfig
 from pipeline.data import (
+    PackedSequence,
     SkippedDocuments,
     TextStream,
     open_text_stream,
@@ -48,8 +50,9 @@ from pipeline.data import (
 )
 from pipeline.errors import ConfigError, DatasetError, OutputExistsError
 from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, TokenStreamHasher, sha256_file, tokenizer_fingerprint
-from pipeline.manifest import ShardEntry
+from pipeline.manifest import FORMAT_VERSION, Column, ShardEntry
 from pipeline.resume import plan_output
+from pipeline.rows import SparseRow
 from pipeline.store import atomic, journal, layout, reader, writer
 
 log = logging.getLogger(__name__)
@@ -84,9 +87,9 @@ class CacheSummary:
 
 
 def _batched(
-    sequences: Iterator[np.ndarray], batch_size: int, rows_per_shard: int, first_seq: int
-) -> Iterator[np.ndarray]:
-    """Stack sequences into ``(B, T)`` batches that never straddle a shard boundary.
+    sequences: Iterator[PackedSequence], batch_size: int, rows_per_shard: int, first_seq: int
+) -> Iterator[list[PackedSequence]]:
+    """Group sequences into batches that never straddle a shard boundary.
 
     A resumed pass starts at a shard boundary, so aligning batches to shards gives it the
     very batches an uninterrupted pass runs, and with them the same bytes.
@@ -98,33 +101,45 @@ def _batched(
         if not batch:
             return
         seq_index += len(batch)
-        yield np.stack(batch)
+        yield batch
 
 
 @torch.inference_mode()
 def capture_batch(
-    head: models.LMHead, input_ids: torch.Tensor, k: int, chunk_positions: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher forward on ``(B, T)`` int64 ids.
+    head: models.LMHead, input_ids: torch.Tensor, spec: CaptureSpec, first_seq: int, chunk_positions: int
+) -> list[SparseRow]:
+    """Teacher forward on ``(B, T)`` int64 ids whose first row is sequence ``first_seq``; one row per sequence.
 
-    Returns numpy ``topk_ids (B, T, k)`` int64, ``topk_logprobs (B, T, k)`` float32 and
-    ``tail_logmass (B, T)`` float32.
+    The LM head runs ``chunk_positions`` positions at a time; each chunk's captured values
+    move to the CPU as they are made. Position ``t`` of sequence ``s`` is global position
+    ``s * T + t``, which keys the draws of sampled captures.
     """
     batch, seq_len = input_ids.shape
     hidden = head.hidden_states(input_ids).reshape(batch * seq_len, -1)
-    ids_parts, logprob_parts, tail_parts = [], [], []
+    positions = first_seq * seq_len + torch.arange(batch * seq_len, dtype=torch.int64, device=hidden.device)
+    parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, hidden.shape[0], chunk_positions):
         logits = head.logits(hidden[start : start + chunk_positions])
-        topk_ids, topk_logprobs, tail_logmass = capture_topk(logits, k, overwrite=True)
-        ids_parts.append(topk_ids.cpu())
-        logprob_parts.append(topk_logprobs.cpu())
-        tail_parts.append(tail_logmass.cpu())
+        captured = capture(logits, spec, positions[start : start + chunk_positions], overwrite=True)
         del logits  # free this chunk's (N, V) buffer before the next one is allocated
-    return (
-        torch.cat(ids_parts).reshape(batch, seq_len, k).numpy(),
-        torch.cat(logprob_parts).reshape(batch, seq_len, k).numpy(),
-        torch.cat(tail_parts).reshape(batch, seq_len).numpy(),
-    )
+        fields = ("ids", "lengths", "logprobs", "tail_logmass", "counts")
+        parts.append({name: getattr(captured, name).cpu() for name in fields if getattr(captured, name) is not None})
+    joined = {name: torch.cat([part[name] for part in parts]).numpy() for name in parts[0]}
+    host_ids = input_ids.cpu().numpy()
+    rows = []
+    for row in range(batch):
+        window = slice(row * seq_len, (row + 1) * seq_len)
+        rows.append(
+            SparseRow(
+                input_ids=host_ids[row],
+                ids=joined["ids"][window],
+                logprobs=joined["logprobs"][window] if "logprobs" in joined else None,
+                tail_logmass=joined["tail_logmass"][window] if "tail_logmass" in joined else None,
+                counts=joined["counts"][window] if "counts" in joined else None,
+                lengths=joined["lengths"][window] if "lengths" in joined else None,
+            )
+        )
+    return rows
 
 
 def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
@@ -150,8 +165,6 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
     problem = cfg.capture_spec().problem(width)
     if problem:
         raise ConfigError(problem)
-    if cfg.capture != "topk":
-        raise ConfigError(f"--capture {cfg.capture} is not written by this version yet; use --capture topk")
     limit = models.max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} positions; lower it")
@@ -309,29 +322,35 @@ def _write_cache(
     Documents holding an id ``>= skip_from_id`` (one the teacher cannot embed) are left out.
     """
     journal.write_journal(out, header, committed)
+    spec, settings = cfg.capture_spec(), cfg.codec_settings()
+    schema = layout.schema_v2([Column(**column) for column in header["columns"]], settings.label)
     shard_writer = writer.ShardWriter(
-        out, cfg.rows_per_shard, committed, on_commit=lambda done: journal.write_journal(out, header, done)
+        out,
+        cfg.rows_per_shard,
+        committed,
+        on_commit=lambda done: journal.write_journal(out, header, done),
+        schema=schema,
     )
     done_rows = committed[-1].first_seq + committed[-1].rows if committed else 0
     hasher = TokenStreamHasher()
     skipped = SkippedDocuments()
     records = skip_documents_with_ids_from(tokenize_records(stream.documents, tokenizer), skip_from_id, skipped)
-    sequences = (packed.input_ids for packed in pack_records(records, cfg.seq_len, cfg.max_sequences))
+    sequences = pack_records(records, cfg.seq_len, cfg.max_sequences)
     for sequence in itertools.islice(sequences, done_rows):  # already in committed shards
-        hasher.update(sequence)
+        hasher.update(sequence.input_ids)
     try:
         with shard_writer:
             model = models.load_teacher(teacher_source, dtype, device, cfg.trust_remote_code)
             head = models.LMHead(model)
             atomic.crash_point("teacher-loaded")
             log.info(
-                "teacher %s (%d logits) on %s in %s; dataset %s; k=%d, seq_len=%d%s",
+                "teacher %s (%d logits) on %s in %s; dataset %s; capture %s, seq_len=%d%s",
                 teacher_source.display,
                 width,
                 device,
                 dtype,
                 stream.display,
-                cfg.capture_spec().k,
+                ", ".join(f"{key}={value}" for key, value in spec.to_json().items()),
                 cfg.seq_len,
                 f"; resuming after {done_rows} sequences" if done_rows else "",
             )
@@ -357,23 +376,23 @@ def _write_cache(
                 mininterval=1.0,
             )
             seq_index = done_rows
-            capture_k = cfg.capture_spec().k
             checked = False
             for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
-                assert int(batch.max()) < embedding_rows, "documents with unembeddable ids are skipped upstream"
-                input_ids = torch.from_numpy(batch).to(input_device)
+                token_ids = np.stack([packed.input_ids for packed in batch])
+                assert int(token_ids.max()) < embedding_rows, "documents with unembeddable ids are skipped upstream"
+                input_ids = torch.from_numpy(token_ids).to(input_device)
                 if not checked:
                     head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                     checked = True
-                topk_ids, topk_logprobs, tail_logmass = capture_batch(head, input_ids, capture_k, chunk_positions)
-                for row in range(batch.shape[0]):
-                    hasher.update(batch[row])
-                    frames = codec.encode_row(
-                        codec.SparseRow(batch[row], topk_ids[row], topk_logprobs[row], tail_logmass[row])
-                    )
-                    shard_writer.add(seq_index, frames, cfg.seq_len)
+                rows = capture_batch(head, input_ids, spec, seq_index, chunk_positions)
+                for packed, row in zip(batch, rows):
+                    hasher.update(packed.input_ids)
+                    cells: dict[str, bytes | int] = {**codec_v2.encode_row(row, spec, settings)}
+                    cells["source_record"] = packed.source_record
+                    cells["record_offset"] = packed.record_offset
+                    shard_writer.add(seq_index, cells, cfg.seq_len)
                     seq_index += 1
-                bar.update(batch.size)
+                bar.update(token_ids.size)
             bar.close()
     except BaseException:
         if not shard_writer.shards:  # nothing worth resuming: leave no trace of this pass
@@ -391,7 +410,7 @@ def _write_cache(
         )
     tokenizer_files = _save_tokenizer(tokenizer, out)
     atomic.crash_point("tokenizer-saved")
-    manifest = finish_manifest(header, hasher, committed, tokenizer_files)
+    manifest = finish_manifest(header, hasher, committed, tokenizer_files, stream.file_starts)
     writer.write_manifest(out, manifest)
     (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
     atomic.fsync_dir(out)
@@ -437,9 +456,10 @@ def cache_header(
     """
     return {
         "format": layout.FORMAT_NAME,
-        "format_version": 1,
-        "codec": {"name": codec.CODEC_NAME, "version": codec.CODEC_VERSION, "columns": codec.COLUMN_DTYPES},
-        "capture": {"strategy": "topk", "k": cfg.capture_spec().k, "logprob_temperature": 1.0, "log_base": "e"},
+        "format_version": FORMAT_VERSION,
+        "codec": cfg.codec_settings().to_json(),
+        "capture": capture_header(cfg.capture_spec()),
+        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings()),
         "position_convention": "row position t holds the teacher's distribution over token t+1",
         "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
         "compute": {"device_type": device.type, "batch_size": cfg.batch_size},
@@ -473,17 +493,29 @@ def cache_header(
     }
 
 
+def capture_header(spec: CaptureSpec) -> dict[str, Any]:
+    """The manifest's ``capture`` object: the strategy, its parameters, and how values and draws are defined."""
+    info: dict[str, Any] = {**spec.to_json(), "logprob_temperature": 1.0, "log_base": "e"}
+    if spec.strategy in ("sample", "hybrid"):
+        info["generator"] = GENERATOR_NAME
+    return info
+
+
 def finish_manifest(
     header: dict[str, Any],
     hasher: TokenStreamHasher,
     committed: list[ShardEntry],
     tokenizer_files: list[dict[str, Any]],
+    file_starts: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """The header plus what the pass produced."""
+    """The header plus what the pass produced (``file_starts``: each local file's name and first record)."""
+    dataset = {**header["dataset"], "token_stream_sha256": hasher.hexdigest()}
+    if file_starts:
+        dataset["files"] = [{"name": name, "first_record": first} for name, first in file_starts]
     return {
         **header,
         "tokenizer": {**header["tokenizer"], "files": tokenizer_files},
-        "dataset": {**header["dataset"], "token_stream_sha256": hasher.hexdigest()},
+        "dataset": dataset,
         "totals": {
             "sequences": sum(s.rows for s in committed),
             "tokens": sum(s.tokens for s in committed),

@@ -8,15 +8,17 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import codec
+from pipeline import codec, codec_v2
 from pipeline.fingerprint import sha256_file
-from pipeline.manifest import render_manifest
-from pipeline.store.layout import MANIFEST_NAME, SCHEMA
-from pipeline.store.reader import iter_shard_rows, read_manifest
+from pipeline.manifest import Manifest, render_manifest
+from pipeline.rows import SparseRow
+from pipeline.store.layout import MANIFEST_NAME, SCHEMA, schema_v2
+from pipeline.store.reader import codec_settings, iter_shard_frames, read_manifest
 
 
 def reseal_shard(cache: Path, index: int) -> None:
@@ -34,39 +36,63 @@ def write_table(path: Path, table: pa.Table, compression: str | None = None) -> 
         writer.write_table(table, max_chunksize=16)
 
 
-def rewrite_rows(cache: Path, index: int, change: Callable[[int, dict[str, bytes]], dict[str, bytes]]) -> None:
-    """Re-encode shard ``index`` with ``change(row_number, frames) -> frames`` applied to each row, and reseal."""
+@dataclass(frozen=True)
+class Coder:
+    """How one cache's rows are encoded: its schema, and row <-> frames for its format version."""
+
+    manifest: Manifest
+
+    @property
+    def schema(self) -> pa.Schema:
+        if self.manifest.format_version == 1:
+            return SCHEMA
+        return schema_v2(self.manifest.columns, codec_settings(self.manifest).label)
+
+    def encode(self, row: SparseRow) -> dict[str, bytes]:
+        if self.manifest.format_version == 1:
+            return codec.encode_row(row)
+        return codec_v2.encode_row(row, self.manifest.capture, codec_settings(self.manifest))
+
+    def decode(self, frames: dict[str, bytes]) -> SparseRow:
+        if self.manifest.format_version == 1:
+            return codec.decode_row(frames, self.manifest.seq_len, self.manifest.k)
+        settings = codec_settings(self.manifest)
+        return codec_v2.decode_row(frames, self.manifest.seq_len, self.manifest.capture, settings, 2**32)
+
+
+def rewrite_rows(cache: Path, index: int, change: Callable[..., dict[str, bytes]]) -> None:
+    """Re-encode shard ``index`` with ``change(row_number, cells) -> cells`` applied to each row, and reseal.
+
+    ``cells`` maps each column to its frame (or int); a ``change`` taking a third argument
+    also gets the cache's :class:`Coder`.
+    """
     manifest = read_manifest(cache)
+    coder = Coder(manifest)
     entry = manifest.shards[index]
-    rows = list(iter_shard_rows(cache, entry, manifest))
-    columns: dict[str, list] = {"seq_index": [seq for seq, _ in rows]}
-    for name in codec.PAYLOAD_COLUMNS:
-        columns[name] = []
-    for number, (_, row) in enumerate(rows):
-        frames = change(number, codec.encode_row(row))
-        for name in codec.PAYLOAD_COLUMNS:
-            columns[name].append(frames[name])
-    write_table(cache / entry.name, pa.table(columns, schema=SCHEMA))
+    rows = list(iter_shard_frames(cache, entry, manifest))
+    columns: dict[str, list] = {name: [] for name in coder.schema.names}
+    takes_coder = change.__code__.co_argcount >= 3
+    for number, (seq_index, cells) in enumerate(rows):
+        frames = {name: value for name, value in cells.items() if isinstance(value, bytes)}
+        cells = {**cells, **coder.encode(coder.decode(frames))}  # the writer's own bytes
+        changed = change(number, cells, coder) if takes_coder else change(number, cells)
+        columns["seq_index"].append(seq_index)
+        for name in coder.schema.names[1:]:
+            columns[name].append(changed[name])
+    write_table(cache / entry.name, pa.table(columns, schema=coder.schema))
     reseal_shard(cache, index)
 
 
-def change_first_row(change: Callable[[codec.SparseRow], codec.SparseRow]):
+def change_first_row(change: Callable[[SparseRow], SparseRow]):
     """A ``rewrite_rows`` change that edits the decoded first row and re-encodes it."""
 
-    def apply(number: int, frames: dict[str, bytes]) -> dict[str, bytes]:
+    def apply(number: int, cells: dict, coder: Coder) -> dict:
         if number:
-            return frames
-        row = codec.decode_row(frames, *_shape(frames))
-        return codec.encode_row(change(row))
+            return cells
+        frames = {name: value for name, value in cells.items() if isinstance(value, bytes)}
+        return {**cells, **coder.encode(change(coder.decode(frames)))}
 
     return apply
-
-
-def _shape(frames: dict[str, bytes]) -> tuple[int, int]:
-    import zstandard
-
-    seq_len = zstandard.frame_content_size(frames["input_ids"]) // 4
-    return seq_len, zstandard.frame_content_size(frames["topk_ids"]) // 4 // seq_len
 
 
 def child_peak_rss(code: str, timeout: float = 120) -> tuple[int, str]:
@@ -215,22 +241,23 @@ def fuzz_case(cache: Path, rng) -> None:
             shard.write_bytes(bytes(mutable))
         else:
             table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+            schema = table.schema
             name = rng.choice(table.column_names)
             if kind == 2:  # a column of the wrong type
                 column = _column_of(rng.choice(COLUMN_TYPES), table.num_rows, rng)
-                fields = [pa.field(f.name, column.type if f.name == name else f.type) for f in SCHEMA]
+                fields = [pa.field(f.name, column.type if f.name == name else f.type) for f in schema]
                 table = pa.table({**{n: table.column(n) for n in table.column_names}, name: column}, pa.schema(fields))
             else:  # a frame or a seq_index of the wrong size or value
                 values = table.column(name).to_pylist()
                 row = rng.randrange(len(values))
-                if name == "seq_index":
+                if schema.field(name).type == pa.int64():  # seq_index, row provenance
                     values[row] = rng.choice([-1, values[row] + 1, 2**62, values[0]])
                 else:
                     values[row] = forged_frame(rng, values[row])
                 table = table.set_column(
-                    table.column_names.index(name), SCHEMA.field(name), pa.array(values, SCHEMA.field(name).type)
+                    table.column_names.index(name), schema.field(name), pa.array(values, schema.field(name).type)
                 )
-            write_table(shard, table.replace_schema_metadata(SCHEMA.metadata))
+            write_table(shard, table.replace_schema_metadata(schema.metadata))
         reseal_shard(cache, index)
     read_everything(cache)
 

@@ -7,23 +7,42 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import edit_manifest, run_cli
-from helpers import change_first_row, child_peak_rss, reseal_shard, rewrite_rows, write_table
+from helpers import Coder, change_first_row, child_peak_rss, reseal_shard, rewrite_rows, write_table
 
 import pipeline
 from pipeline.errors import CacheError
-from pipeline.store.layout import SCHEMA, TOKENIZER_DIR
+from pipeline.store.layout import TOKENIZER_DIR
 from pipeline.store.reader import mass_tolerance, read_manifest, row_problem
+
+V1_CACHE = Path(__file__).parent / "data" / "v1-cache"
 
 
 @pytest.fixture()
 def cache_copy(train_cache, tmp_path):
     copy = tmp_path / "cache"
     shutil.copytree(train_cache, copy)
+    return copy
+
+
+@pytest.fixture()
+def v1_copy(tmp_path):
+    """A copy of the format version 1 cache kept in tests/data (written by the first release's teacher pass)."""
+    copy = tmp_path / "v1-cache"
+    shutil.copytree(V1_CACHE, copy)
+    return copy
+
+
+@pytest.fixture(params=["v2", "v1"])
+def any_copy(request, train_cache, tmp_path):
+    """A copy of a cache of each format version this reader reads."""
+    copy = tmp_path / "cache"
+    shutil.copytree(train_cache if request.param == "v2" else V1_CACHE, copy)
     return copy
 
 
@@ -73,25 +92,33 @@ def out_of_range(row):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (reorder, "not in most-probable-first order"),
-        (duplicate, "captured twice at one position"),
         (inflate_mass, "add up to exp"),
         (shift_half_a_nat, "add up to exp"),
         (out_of_range, "not below logit_width"),
     ],
 )
-def test_rows_that_break_an_invariant_are_refused_with_the_shard_named(cache_copy, change, message):
-    rewrite_rows(cache_copy, 0, change_first_row(change))
-    refused_everywhere(cache_copy, message)
-    assert "shard-00000.arrow" in run_cli("verify", "--deep", str(cache_copy)).output
+def test_rows_that_break_an_invariant_are_refused_with_the_shard_named(any_copy, change, message):
+    rewrite_rows(any_copy, 0, change_first_row(change))
+    refused_everywhere(any_copy, message)
+    assert "shard-00000.arrow" in run_cli("verify", "--deep", str(any_copy)).output
 
 
-def test_bytes_after_a_frame_are_refused(cache_copy):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(reorder, "not in most-probable-first order"), (duplicate, "captured twice at one position")],
+)
+def test_version_1_rows_out_of_order_or_with_repeats_are_refused(v1_copy, change, message):
+    # Version 2 stores ids as ascending gaps, so neither can be written; the decoder orders rows itself.
+    rewrite_rows(v1_copy, 0, change_first_row(change))
+    refused_everywhere(v1_copy, message)
+
+
+def test_bytes_after_a_frame_are_refused(any_copy):
     def pad(number, frames):
         return {**frames, "tail_logmass": frames["tail_logmass"] + b"\0"} if number == 2 else frames
 
-    rewrite_rows(cache_copy, 0, pad)
-    refused_everywhere(cache_copy, "followed by extra bytes")
+    rewrite_rows(any_copy, 0, pad)
+    refused_everywhere(any_copy, "followed by extra bytes")
 
 
 def test_wrong_token_stream_hash_is_refused_by_a_full_read(cache_copy):
@@ -103,17 +130,19 @@ def test_wrong_token_stream_hash_is_refused_by_a_full_read(cache_copy):
     assert result.exit_code == 1 and "token_stream_sha256" in result.output
 
 
-def test_null_values_are_refused(cache_copy):
-    entry = read_manifest(cache_copy).shards[0]
-    path = cache_copy / entry.name
+def test_null_values_are_refused(any_copy):
+    manifest = read_manifest(any_copy)
+    schema = Coder(manifest).schema
+    ids_column = schema.names[2]  # topk_ids (version 1), ids (version 2)
+    path = any_copy / manifest.shards[0].name
     table = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()
-    nulled = table.column("topk_ids").to_pylist()
+    nulled = table.column(ids_column).to_pylist()
     nulled[1] = None
-    nullable = pa.schema([field.with_nullable(True) for field in SCHEMA], metadata=SCHEMA.metadata)
-    table = pa.table({**{name: table.column(name) for name in table.column_names}, "topk_ids": nulled}, nullable)
+    nullable = pa.schema([field.with_nullable(True) for field in schema], metadata=schema.metadata)
+    table = pa.table({**{name: table.column(name) for name in table.column_names}, ids_column: nulled}, nullable)
     write_table(path, table)
-    reseal_shard(cache_copy, 0)
-    refused_everywhere(cache_copy, "unexpected schema|null values")
+    reseal_shard(any_copy, 0)
+    refused_everywhere(any_copy, "unexpected schema|null values")
 
 
 @pytest.mark.parametrize("compression", ["zstd", "lz4"])
@@ -134,10 +163,13 @@ def test_compressed_shard_inflating_to_gigabytes_stays_within_the_memory_bound(c
     path = cache_copy / entry.name
     rows = entry.rows
     frame = b"\0" * ((256 << 20) // rows)
+    schema = Coder(manifest).schema
     columns = {"seq_index": pa.array(range(entry.first_seq, entry.first_seq + rows), pa.int64())}
-    for name in SCHEMA.names[1:]:
-        columns[name] = pa.array([frame] * rows if name == "topk_ids" else [b""] * rows, pa.binary())
-    write_table(path, pa.table(columns, schema=SCHEMA), compression="zstd")
+    for field in schema:
+        if field.name != "seq_index":
+            filler = [0] * rows if field.type == pa.int64() else [frame if field.name == "ids" else b""] * rows
+            columns[field.name] = pa.array(filler, field.type)
+    write_table(path, pa.table(columns, schema=schema), compression="zstd")
     del columns, frame
     assert path.stat().st_size < 4 << 20
     reseal_shard(cache_copy, 0)
@@ -189,10 +221,10 @@ def test_open_cache_checks_the_tokenizer_files(cache_copy):
     pipeline.open_cache(cache_copy, verify=False)  # skipping checks stays possible
 
 
-def test_real_caches_sit_well_inside_the_mass_tolerance(train_cache):
-    manifest = read_manifest(train_cache)
+def test_real_caches_sit_well_inside_the_mass_tolerance():
+    manifest = read_manifest(V1_CACHE)
     worst = 0.0
-    for row in pipeline.open_cache(train_cache):
+    for row in pipeline.open_cache(V1_CACHE):
         assert row_problem(row, manifest.logit_width) is None
         logprobs = row.topk_logprobs.astype(np.float64)
         total = np.logaddexp(np.log(np.exp(logprobs).sum(axis=1)), row.tail_logmass.astype(np.float64))

@@ -131,3 +131,108 @@ def test_shared_normaliser_gives_the_same_cross_entropy_and_gradient():
     with_kd.ce_sum.backward()
     ce_only.ce_sum.backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_folded_log_softmax_counts_a_repeated_id_once_and_its_gradient_matches_finite_differences():
+    from pipeline.losses import folded_log_softmax
+
+    generator = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[4, 7, 4, 4], [0, 1, 2, 0], [9, 9, 9, 9]])
+    captured, rest, _ = folded_log_softmax(z, ids)
+    reference = torch.log_softmax(z, -1)
+    torch.testing.assert_close(captured, reference.gather(-1, ids))
+    outside = torch.ones(3, 10, dtype=torch.bool).scatter(-1, ids, False)
+    torch.testing.assert_close(rest, torch.logsumexp(reference.masked_fill(~outside, float("-inf")), -1))
+    assert torch.autograd.gradcheck(lambda logits: folded_log_softmax(logits, ids), (z,))
+
+
+def topp_batch(teacher: torch.Tensor, lengths: list[int], width: int) -> dict[str, torch.Tensor]:
+    """Top-p style rows: ``lengths[n]`` most probable ids per position, padded to ``width`` (id 0, ``-inf``)."""
+    ids, logprobs, _ = capture_topk(teacher, width)
+    valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    logprob_all = torch.log_softmax(teacher, -1)
+    kept = torch.zeros_like(teacher, dtype=torch.bool).scatter(-1, torch.where(valid, ids, ids[:, :1]), True)
+    return {
+        "input_ids": torch.zeros(1, teacher.shape[0], dtype=torch.int64),
+        "ids": torch.where(valid, ids, 0).unsqueeze(0),
+        "valid": valid.unsqueeze(0),
+        "logprobs": torch.where(valid, logprobs, float("-inf")).unsqueeze(0),
+        "tail_logmass": torch.logsumexp(logprob_all.masked_fill(kept, float("-inf")), -1).unsqueeze(0),
+    }
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_p_with_padding_equals_the_bucket_kl_of_the_valid_ids_alone(temperature):
+    from pipeline.capture_spec import CaptureSpec
+    from pipeline.losses import loss_parts, targets_from_batch
+
+    teacher, student = teacher_and_student()
+    teacher[2, 0] = 30.0  # id 0 is captured at a position that also has padding (id 0 again)
+    lengths = [1, 3, 2, 7, 5, 4]
+    batch = topp_batch(teacher, lengths, width=7)
+    capture = CaptureSpec("topp", k=None, top_p=0.9, min_k=1, max_k=7)
+    target = targets_from_batch(batch, capture, temperature)
+    logits = student.clone().requires_grad_(True)
+    per_position = [
+        loss_parts(logits[n : n + 1], torch.tensor([-100]), target.chunk(slice(n, n + 1))).kd_sum for n in range(6)
+    ]
+    sum(per_position).backward()
+    alone = student.clone().requires_grad_(True)
+    expected = []
+    for n, length in enumerate(lengths):
+        ids = batch["ids"][0, n, :length].unsqueeze(0)
+        logprobs = batch["logprobs"][0, n, :length].unsqueeze(0)
+        tail = batch["tail_logmass"][0, n].unsqueeze(0)
+        expected.append(temperature**2 * sparse_kl(alone[n : n + 1], ids, logprobs, tail, temperature)[0])
+    sum(expected).backward()
+    torch.testing.assert_close(torch.stack(per_position), torch.stack(expected))
+    torch.testing.assert_close(logits.grad, alone.grad)
+
+
+def test_top_p_that_holds_every_id_gives_the_dense_kl():
+    from pipeline.capture_spec import CaptureSpec
+    from pipeline.losses import loss_parts, targets_from_batch
+
+    teacher, student = teacher_and_student(vocab=12)
+    batch = topp_batch(teacher, [12, 12, 12, 12, 12, 12], width=12)
+    target = targets_from_batch(batch, CaptureSpec("topp", k=None, top_p=1.0, min_k=1, max_k=12), 1.0)
+    parts = loss_parts(student, torch.full((6,), -100), target)
+    torch.testing.assert_close(parts.kd_sum, dense_kl(teacher, student).sum(), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_parts_without_a_target_is_cross_entropy_alone():
+    from pipeline.losses import loss_parts
+
+    _, student = teacher_and_student()
+    labels = torch.tensor([3, 4, 5, -100, 1, -100])
+    parts = loss_parts(student, labels, None)
+    assert parts.kd_count == 0 and float(parts.kd_sum) == 0.0 and parts.ce_count == 4
+    keep = labels != -100
+    torch.testing.assert_close(
+        parts.ce_sum, torch.nn.functional.cross_entropy(student[keep], labels[keep], reduction="sum")
+    )
+
+
+def test_losses_that_do_not_fit_the_capture_are_refused_in_one_line():
+    from pipeline.capture_spec import CaptureSpec
+    from pipeline.errors import ConfigError
+    from pipeline.losses import check_target_fits, evaluation_temperature, target_problem
+
+    no_logprobs = CaptureSpec("sample", k=None, samples=32, sample_temperature=1.5, seed=0)
+    with_logprobs = CaptureSpec("sample", k=None, samples=32, sample_temperature=1.5, sample_logprobs=True, seed=0)
+    hybrid = CaptureSpec("hybrid", k=4, samples=32, sample_temperature=1.5, seed=0)
+    problem = target_problem(no_logprobs, 1.0)
+    assert problem == (
+        "--temperature 1 differs from the cache's --sample-temperature 1.5, and the cache holds no teacher "
+        "log-probabilities to reweight its draws with; train with --temperature 1.5, or make the cache with "
+        "--sample-logprobs"
+    )
+    with pytest.raises(ConfigError, match="--sample-logprobs"):
+        check_target_fits(no_logprobs, 2.0)
+    assert target_problem(no_logprobs, 1.5) is None
+    for capture in (with_logprobs, hybrid, CaptureSpec("topk", k=8)):
+        assert target_problem(capture, 3.0) is None
+    assert "upgrade" in target_problem(CaptureSpec("future", k=1), 1.0)  # type: ignore[arg-type]
+    assert evaluation_temperature(no_logprobs) == 1.5
+    assert evaluation_temperature(with_logprobs) == evaluation_temperature(hybrid) == 1.0

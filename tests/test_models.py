@@ -1,10 +1,12 @@
 """The separated backbone + chunked LM head must reproduce each architecture's own forward and gradients."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.capture import capture_topk
+from pipeline.capture_spec import CaptureSpec
 from pipeline.losses import distillation_parts, next_token_labels
 from pipeline.models import LMHead
 from pipeline.student import train_step_loss
@@ -52,11 +54,39 @@ def test_chunked_capture_equals_capture_of_the_full_logits(model_type):
     head = LMHead(model)
     ids = torch.randint(0, VOCAB, (2, 12))
     head.check_parity(ids[:1])
-    _, topk_logprobs, tail = capture_batch(head, ids, k=8, chunk_positions=5)
+    spec = CaptureSpec(strategy="topk", k=8)
+    rows = capture_batch(head, ids, spec, first_seq=0, chunk_positions=5)
     with torch.no_grad():
         reference = capture_topk(model(ids).logits.reshape(-1, VOCAB), 8)
-    torch.testing.assert_close(torch.from_numpy(topk_logprobs).reshape(-1, 8), reference[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(tail).reshape(-1), reference[2], atol=1e-5, rtol=1e-5)
+    topk_logprobs = torch.from_numpy(np.concatenate([row.logprobs for row in rows]))
+    tail = torch.from_numpy(np.concatenate([row.tail_logmass for row in rows]))
+    torch.testing.assert_close(topk_logprobs.reshape(-1, 8), reference[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tail.reshape(-1), reference[2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        CaptureSpec(strategy="topp", k=None, top_p=0.9, min_k=2, max_k=16),
+        CaptureSpec(strategy="sample", k=None, samples=16, sample_temperature=1.0, sample_logprobs=True, seed=3),
+        CaptureSpec(strategy="hybrid", k=4, samples=8, sample_temperature=1.0, seed=3),
+    ],
+    ids=lambda spec: spec.strategy,
+)
+def test_chunked_capture_keys_draws_by_global_position(spec):
+    """Chunking and batch offsets must not change what is captured at a position."""
+    model = tiny("qwen2").eval()
+    head = LMHead(model)
+    ids = torch.randint(0, VOCAB, (3, 12))
+    whole = capture_batch(head, ids, spec, first_seq=5, chunk_positions=36)
+    chunked = capture_batch(head, ids, spec, first_seq=5, chunk_positions=7)
+    alone = capture_batch(head, ids[2:], spec, first_seq=7, chunk_positions=5)
+    for left, right in [(whole, chunked), (whole[2:], alone)]:
+        for a, b in zip(left, right, strict=True):
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+            if a.counts is not None:
+                np.testing.assert_array_equal(a.counts, b.counts)
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gpt2", "cohere"])

@@ -28,7 +28,24 @@ def test_valid_manifest_reads(train_cache):
     ("change", "message"),
     [
         (lambda m: m.update(format_version=99), "version 99 is not supported"),
-        (lambda m: m["codec"].update(version=7), "codec shuffle-zstd/7 is not supported"),
+        (lambda m: m["codec"].update(version=7), "codec sparse-zstd/7 is not supported"),
+        (lambda m: m["codec"].update(mode="fractal"), "codec.mode 'fractal' is not one of"),
+        (lambda m: m["codec"].update(logprob_step=4.0), "logprob_step 4.0 is outside"),
+        (lambda m: m["columns"][1].update(encoding="u64-raw"), "column 'ids' is ids/u64-raw, expected"),
+        (lambda m: m["columns"].pop(2), "columns lack 'logprobs'"),
+        (lambda m: m["columns"].append(dict(m["columns"][0])), "column 'input_ids' is listed twice"),
+        (
+            lambda m: m["columns"].append({"name": "future", "kind": "x", "encoding": "y/1", "required": True}),
+            "required column 'future' .* is unknown to this reader",
+        ),
+        (lambda m: m["columns"][0].update(name="Input-Ids"), "not a lowercase identifier"),
+        (lambda m: m["columns"][0].update(required="yes"), r"columns\[0\].required' should be true or false"),
+        (lambda m: m["capture"].update(strategy="sample"), "capture.samples"),
+        (
+            lambda m: m["dataset"].update(files=[{"name": "a", "first_record": 5}, {"name": "b", "first_record": 1}]),
+            "goes backwards",
+        ),
+        (lambda m: m.update(format_version=1), "codec sparse-zstd/2 is not supported"),
         (lambda m: m.pop("seq_len"), "missing field 'seq_len'"),
         (lambda m: m.update(seq_len="32"), "'seq_len' should be an integer, got a string"),
         (lambda m: m["shards"].insert(1, dict(m["shards"][0])), "named 'shard-00000.arrow', expected 'shard-00001"),
@@ -52,7 +69,6 @@ def test_valid_manifest_reads(train_cache):
         (lambda m: m["teacher"].update(revision=7), "'teacher.revision' should be a string or null"),
         (lambda m: m["packing"].update(eos_after_document="yes"), "should be true or false"),
         (lambda m: m.update(compute=None), "'compute' should be an object, got null"),
-        (lambda m: m["codec"].update(columns={"topk_ids": "<u8"}), "codec.columns"),
         (lambda m: m["capture"].update(logprob_temperature=2.0), "temperature"),
         (lambda m: (m.update(seq_len=2**18), m["capture"].update(k=256)), "seq_len x k"),
         (lambda m: m["shards"][0].update(rows=m["rows_per_shard"] - 1), "every shard but the last"),
@@ -158,3 +174,29 @@ def test_symlinked_shard_pointing_outside_is_refused(cache_copy, tmp_path):
     (cache_copy / entry.name).symlink_to(outside)
     with pytest.raises(CacheError, match="outside the cache folder"):
         check_shard(cache_copy, entry)
+
+
+V1_CACHE = __import__("pathlib").Path(__file__).parent / "data" / "v1-cache"
+
+
+def test_version_1_caches_still_read():
+    manifest = read_manifest(V1_CACHE)
+    assert manifest.format_version == 1 and manifest.capture.strategy == "topk" and manifest.k == 4
+    assert manifest.columns == ()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["codec"].update(version=7), "codec shuffle-zstd/7 is not supported"),
+        (lambda m: m["codec"].update(columns={"topk_ids": "<u8"}), "codec.columns"),
+        (lambda m: m["capture"].update(strategy="sample"), "not part of format version 1"),
+        (lambda m: m.update(logit_width=2**25), "logit_width' = 33554432 is outside"),
+    ],
+)
+def test_malformed_version_1_manifests_are_refused(tmp_path, change, message):
+    copy = tmp_path / "v1"
+    shutil.copytree(V1_CACHE, copy)
+    edit_manifest(copy, change)
+    with pytest.raises(CacheError, match=message):
+        read_manifest(copy)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import run_cli
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 TRAIN = ["--batch-size", "8", "--lr", "3e-3", "--seed", "0"]
 
@@ -232,3 +232,143 @@ def test_damaged_tokenizer_copy_in_the_cache_is_refused(train_cache, student_con
         handle.write(" ")
     message = bad(*student_args(cache, student_config_dir, tmp_path / "s"))
     assert "tokenizer file 'tokenizer.json'" in message and "the cache is damaged" in message
+
+
+# ------------------------------------------------------------------ every capture
+
+
+def tiny_student(vocab: int = 40):
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def hybrid_rows(count: int, seq_len: int, vocab: int, head: int, draws: int, seed: int):
+    """Rows as a hybrid capture decodes them: ``head`` most probable ids, then distinct ids drawn from
+    the teacher outside the head (ascending, with counts), padded to the widest position."""
+    import numpy as np
+
+    from pipeline.rows import SparseRow
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        logprobs = torch.log_softmax(torch.randn(seq_len, vocab, generator=generator) * 2, -1)
+        top = logprobs.topk(head, dim=-1).indices
+        outside = logprobs.exp().scatter(-1, top, 0.0)
+        picks = torch.multinomial(outside, draws, replacement=True, generator=generator)
+        counts = torch.zeros(seq_len, vocab, dtype=torch.int64).scatter_add_(1, picks, torch.ones_like(picks))
+        width = head + int((counts > 0).sum(-1).max())
+        ids = np.zeros((seq_len, width), dtype=np.int64)
+        slot_counts = np.zeros((seq_len, width), dtype=np.int32)
+        slot_logprobs = np.full((seq_len, width), -np.inf, dtype=np.float32)
+        tails, lengths = np.zeros(seq_len, dtype=np.float32), np.zeros(seq_len, dtype=np.int32)
+        for t in range(seq_len):
+            drawn = torch.nonzero(counts[t]).squeeze(-1)
+            kept = torch.cat([top[t], drawn])
+            lengths[t] = len(kept)
+            ids[t, : len(kept)] = kept.numpy()
+            slot_counts[t, head : len(kept)] = counts[t, drawn].numpy()
+            slot_logprobs[t, : len(kept)] = logprobs[t, kept].numpy()
+            tails[t] = float(torch.logsumexp(logprobs[t].index_fill(0, kept, float("-inf")), 0))
+        input_ids = torch.randint(0, vocab, (seq_len,), generator=generator).numpy()
+        rows.append(SparseRow(input_ids, ids, slot_logprobs, tails, slot_counts, lengths))
+    return rows
+
+
+def hybrid_capture():
+    from pipeline.capture_spec import CaptureSpec
+
+    return CaptureSpec("hybrid", k=3, samples=6, sample_temperature=1.0, seed=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_step_on_a_sampled_cache_gives_the_gradient_of_the_full_loss(temperature):
+    from pipeline.cache import stack_rows
+    from pipeline.losses import loss_parts, next_token_labels, targets_from_batch
+    from pipeline.models import LMHead
+    from pipeline.student import train_step_loss
+
+    batch = stack_rows(hybrid_rows(2, 8, 40, head=3, draws=6, seed=1))
+    assert not bool(batch["valid"].all())
+    chunked, full = tiny_student(), tiny_student()
+    train_step_loss(LMHead(chunked), batch, 0.3, temperature, 5, 1.0, None, hybrid_capture())
+    target = targets_from_batch(batch, hybrid_capture(), temperature)
+    labels = next_token_labels(batch["input_ids"]).reshape(-1)
+    parts = loss_parts(full(batch["input_ids"]).logits.reshape(-1, 40), labels, target)
+    (0.3 * parts.kd_sum / parts.kd_count + 0.7 * parts.ce_sum / parts.ce_count).backward()
+    for (name, a), (_, b) in zip(chunked.named_parameters(), full.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def without_head(row, head: int):
+    """A hybrid row's draws alone, as a sampled capture without log-probabilities holds them."""
+    from dataclasses import replace
+
+    ids, counts, lengths = row.ids[:, head:], row.counts[:, head:], row.lengths - head
+    return replace(row, ids=ids, counts=counts, lengths=lengths, logprobs=None, tail_logmass=None)
+
+
+class RowsAsCache:
+    """The two things :func:`pipeline.evaluate.evaluate` reads of a cache: its capture and its rows."""
+
+    def __init__(self, rows, capture):
+        from types import SimpleNamespace
+
+        self.rows, self.manifest = rows, SimpleNamespace(capture=capture)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_held_out_evaluation_of_a_sampled_cache_reports_the_estimators_kl_and_labels_it():
+    from pipeline.capture_spec import CaptureSpec
+    from pipeline.evaluate import evaluate
+    from pipeline.models import LMHead
+
+    rows = hybrid_rows(3, 8, 40, head=3, draws=6, seed=2)
+    results = evaluate(LMHead(tiny_student()), RowsAsCache(rows, hybrid_capture()), 7, torch.device("cpu"))
+    assert "t_hat" in results["kl_measure"] and results["kl_temperature"] == 1.0
+    assert results["kl"] > 0 and results["positions"] == 24 and results["perplexity"] > 1
+    # Draws without log-probabilities fix the temperature: evaluated at the draws' own.
+    sampled = [without_head(row, 3) for row in rows]
+    capture = CaptureSpec("sample", k=None, samples=6, sample_temperature=2.0, seed=0)
+    results = evaluate(LMHead(tiny_student()), RowsAsCache(sampled, capture), 7, torch.device("cpu"))
+    assert results["kl_temperature"] == 2.0 and "t_hat" in results["kl_measure"] and results["kl"] > 0
+
+
+def test_top_k_evaluation_is_labelled_as_the_bucket_kl(heldout_cache, student_config_dir):
+    from pipeline.cache import open_cache
+    from pipeline.evaluate import evaluate
+    from pipeline.models import LMHead
+
+    cache = open_cache(heldout_cache)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(student_config_dir)))
+    results = evaluate(LMHead(model), cache, 64, torch.device("cpu"))
+    assert results["kl_measure"].startswith("KL(teacher || student) over the captured ids")
+    assert results["kl_temperature"] == 1.0 and results["kl"] > 0
+
+
+def test_a_temperature_the_sampled_cache_cannot_give_is_refused_before_anything_loads(tmp_path):
+    from pipeline.capture_spec import CaptureSpec
+    from pipeline.config import StudentTrainConfig
+    from pipeline.errors import ConfigError
+    from pipeline.student_setup import check_capture_fits
+
+    capture = CaptureSpec("sample", k=None, samples=16, sample_temperature=1.0, seed=0)
+    settings = {"cache": "c", "student": "s", "out": str(tmp_path / "s")}
+    with pytest.raises(ConfigError, match=r"^--temperature 2 differs .* --sample-logprobs$"):
+        check_capture_fits(StudentTrainConfig(**settings, temperature=2.0), capture)
+    check_capture_fits(StudentTrainConfig(**settings, temperature=2.0, alpha=0.0), capture)  # cross-entropy alone
+    check_capture_fits(StudentTrainConfig(**settings, temperature=1.0), capture)

@@ -13,30 +13,60 @@ import pipeline
 from pipeline.store.layout import MANIFEST_NAME
 
 
-def test_stored_topk_matches_the_teacher_recomputed_here(train_cache, teacher_dir):
+def check_against_teacher(cache_path, teacher_dir, tolerance: float) -> None:
+    """Stored top-k ids are the teacher's most probable, log-probabilities within ``tolerance``, tail consistent."""
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
-    cache = pipeline.open_cache(train_cache)
+    cache = pipeline.open_cache(cache_path)
     rows = [row for _, row in zip(range(3), cache)]
     input_ids = torch.from_numpy(np.stack([r.input_ids for r in rows]))
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids).logits.float(), dim=-1)
     for index, row in enumerate(rows):
         reference = logprobs[index]  # (T, V): position t predicts token t + 1
-        stored = torch.from_numpy(row.topk_logprobs)
-        ids = torch.from_numpy(row.topk_ids)
+        stored = torch.from_numpy(row.logprobs)
+        ids = torch.from_numpy(row.ids)
         # Ties allowed: every stored id's probability is at least the k-th largest.
         kth = reference.topk(cache.manifest.k, dim=-1).values[:, -1:]
         assert torch.all(reference.gather(-1, ids) >= kth - 1e-5)
-        torch.testing.assert_close(stored, reference.gather(-1, ids), rtol=2**-10, atol=1e-4)
+        torch.testing.assert_close(stored, reference.gather(-1, ids), rtol=2**-10, atol=tolerance)
+        assert (stored[:, :-1] >= stored[:, 1:]).all()  # most probable first, as the reader promises
         # Tail = log of everything else, consistent with the stored top-k.
         mass = torch.logaddexp(torch.logsumexp(reference.gather(-1, ids), -1), torch.from_numpy(row.tail_logmass))
         torch.testing.assert_close(mass, torch.zeros_like(mass), atol=1e-4, rtol=0)
 
 
+def test_stored_topk_matches_the_teacher_recomputed_here(train_cache, teacher_dir):
+    # The default codec quantises log-probabilities to 1/8 nat: each within 1/16 of the teacher's.
+    check_against_teacher(train_cache, teacher_dir, tolerance=0.0625 + 1e-6)
+
+
+def test_lossless_codec_keeps_log_probabilities_at_float16(teacher_dir, corpus, tmp_path):
+    options = ("--seq-len", "16", "--top-k", "8", "--max-tokens", "64", "--codec-mode", "lossless")
+    out = make_cache(teacher_dir, corpus["heldout"], tmp_path / "lossless", *options)
+    assert pipeline.open_cache(out).manifest.codec["mode"] == "lossless"
+    check_against_teacher(out, teacher_dir, tolerance=1e-4)
+
+
 def test_manifest_describes_the_cache(train_cache):
     manifest = json.loads((train_cache / MANIFEST_NAME).read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["capture"] == {"strategy": "topk", "k": 16, "logprob_temperature": 1.0, "log_base": "e"}
+    assert manifest["codec"] == {
+        "name": "sparse-zstd",
+        "version": 2,
+        "mode": "quantized",
+        "logprob_step": 0.125,
+        "zstd_level": 3,
+    }
+    assert [column["name"] for column in manifest["columns"]] == [
+        "input_ids",
+        "ids",
+        "logprobs",
+        "tail_logmass",
+        "source_record",
+        "record_offset",
+    ]
+    assert manifest["dataset"]["files"] == [{"name": "train.jsonl", "first_record": 0}]
     assert manifest["logit_width"] == LOGIT_WIDTH
     assert manifest["tokenizer"]["length"] == 300
     assert manifest["tokenizer"]["fingerprint_version"] == 2

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline import codec
+from pipeline import codec, codec_v2
 from pipeline.errors import CacheError, first_line
 from pipeline.fingerprint import sha256_file
 from pipeline.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_PATTERN, Manifest, ShardEntry, parse_manifest
+from pipeline.rows import SparseRow
 from pipeline.store.ipc import inspect_file
-from pipeline.store.layout import JOURNAL_NAME, SCHEMA, SCHEMA_METADATA, TOKENIZER_DIR
+from pipeline.store.layout import INT64_ENCODING, JOURNAL_NAME, SCHEMA, SCHEMA_METADATA, TOKENIZER_DIR, schema_v2
 
 # float16 rounding can lift a log-probability of -1e-4 to a hair above 0.
 LOGPROB_SLACK = 1e-3
@@ -77,10 +78,27 @@ def check_shard(cache_dir: Path, entry: ShardEntry) -> None:
         )
 
 
+def read_columns(manifest: Manifest) -> tuple[str, ...]:
+    """The columns a reader takes from each row: version 1's fixed four, or the version 2 registry's
+    columns this codec knows (optional columns it does not know are skipped)."""
+    if manifest.format_version == 1:
+        return codec.PAYLOAD_COLUMNS
+    known = {column["name"] for column in codec_v2.columns(manifest.capture, codec_settings(manifest))}
+    return tuple(column.name for column in manifest.columns if column.name in known)
+
+
+def codec_settings(manifest: Manifest) -> codec_v2.CodecSettings:
+    """A version 2 manifest's codec settings."""
+    return codec_v2.CodecSettings.from_json(manifest.codec)
+
+
 def iter_shard_frames(
     cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
-) -> Iterator[tuple[int, dict[str, bytes]]]:
-    """``(seq_index, frames)`` for each row of one shard, still encoded; the shard is checked first when ``verify``.
+) -> Iterator[tuple[int, dict[str, bytes | int]]]:
+    """``(seq_index, cells)`` for each row of one shard, still encoded; the shard is checked first when ``verify``.
+
+    ``cells`` maps each of :func:`read_columns` to its frame (bytes), or its value for
+    int64 columns (row provenance).
 
     Before pyarrow loads anything, the file's footer and message headers are read
     (:func:`pipeline.store.ipc.inspect_file`): no Arrow body compression, no more rows than
@@ -98,7 +116,9 @@ def iter_shard_frames(
             inspect_file(memoryview(source.read_buffer()), entry.rows)
             source.seek(0)
             reader = pa.ipc.open_file(source)
-            check_schema(reader.schema, entry.name)
+            check_schema(reader.schema, entry.name, manifest)
+            names = read_columns(manifest)
+            integers = {column.name for column in manifest.columns if column.encoding == INT64_ENCODING}
             for batch_index in range(reader.num_record_batches):
                 batch = reader.get_batch(batch_index)
                 # Arrow IPC readers trust the offsets in the file; a hostile file with a valid
@@ -109,11 +129,17 @@ def iter_shard_frames(
                 if any(column.null_count for column in batch.columns):
                     raise CacheError(f"shard '{entry.name}' has null values; the format has none")
                 seq_index = batch.column("seq_index").to_numpy()
-                payload = {name: batch.column(name) for name in codec.PAYLOAD_COLUMNS}
+                payload = {
+                    name: batch.column(name).to_numpy() if name in integers else batch.column(name) for name in names
+                }
                 for row in range(batch.num_rows):
                     if int(seq_index[row]) != entry.first_seq + seen:
                         raise CacheError(f"shard '{entry.name}' has rows out of order; the shard is damaged")
-                    yield int(seq_index[row]), {name: payload[name][row].as_py() for name in codec.PAYLOAD_COLUMNS}
+                    cells = {
+                        name: int(payload[name][row]) if name in integers else payload[name][row].as_py()
+                        for name in names
+                    }
+                    yield int(seq_index[row]), cells
                     seen += 1
     except CacheError:
         raise
@@ -126,29 +152,42 @@ def iter_shard_frames(
         raise CacheError(f"shard '{entry.name}' holds {seen} rows, the manifest says {entry.rows}")
 
 
-def check_schema(schema: pa.Schema, shard: str) -> None:
-    """The shard's schema must be the format's: same fields, types and nullability, and the format's metadata keys."""
-    if not schema.equals(SCHEMA, check_metadata=False):
+def check_schema(schema: pa.Schema, shard: str, manifest: Manifest) -> None:
+    """The shard's schema must be the manifest's: same fields, types and nullability, and the format's metadata keys."""
+    if manifest.format_version == 1:
+        expected, metadata_expected = SCHEMA, SCHEMA_METADATA
+    else:
+        expected = schema_v2(manifest.columns, codec_settings(manifest).label)
+        metadata_expected = {key.decode(): value.decode() for key, value in expected.metadata.items()}
+    if not schema.equals(expected, check_metadata=False):
         raise CacheError(f"shard '{shard}' has an unexpected schema; the cache is damaged")
     metadata = {key.decode("utf-8", "replace"): value for key, value in (schema.metadata or {}).items()}
-    for key, value in SCHEMA_METADATA.items():
+    for key, value in metadata_expected.items():
         if metadata.get(key) != value.encode():
             raise CacheError(f"shard '{shard}' schema metadata '{key}' is not '{value}'; the cache is damaged")
 
 
-def decode_checked_row(frames: dict[str, bytes], manifest: Manifest, shard: str) -> codec.SparseRow:
+def decode_checked_row(frames: dict[str, bytes | int], manifest: Manifest, shard: str) -> SparseRow:
     """Decode one row's frames with the manifest's shapes and check every invariant of its values."""
+    if manifest.format_version == 1:
+        try:
+            row = codec.decode_row(frames, manifest.seq_len, manifest.k)  # type: ignore[arg-type]
+        except CacheError as exc:
+            raise CacheError(f"shard '{shard}': {exc}") from exc
+        check_row_values(row, manifest, shard)
+        return row
+    settings = codec_settings(manifest)
     try:
-        row = codec.decode_row(frames, manifest.seq_len, manifest.k)
+        return codec_v2.decode_row(frames, manifest.seq_len, manifest.capture, settings, manifest.logit_width)  # type: ignore[arg-type]
     except CacheError as exc:
-        raise CacheError(f"shard '{shard}': {exc}") from exc
-    check_row_values(row, manifest, shard)
-    return row
+        message = str(exc)
+        suffix = "" if "corrupt" in message or "damaged" in message else "; the shard is damaged"
+        raise CacheError(f"shard '{shard}': {message}{suffix}") from exc
 
 
 def iter_shard_rows(
     cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
-) -> Iterator[tuple[int, codec.SparseRow]]:
+) -> Iterator[tuple[int, SparseRow]]:
     """``(seq_index, row)`` for each row of one shard, decoded and checked."""
     for seq_index, frames in iter_shard_frames(cache_dir, entry, manifest, verify):
         yield seq_index, decode_checked_row(frames, manifest, entry.name)
@@ -164,7 +203,7 @@ def mass_tolerance(k: int) -> float:
     return 2.0**-11 * math.log(k + 1) + 1e-4
 
 
-def row_problem(row: codec.SparseRow, logit_width: int) -> str | None:
+def row_problem(row: SparseRow, logit_width: int) -> str | None:
     """The first broken invariant of a decoded codec-v1 row, or ``None`` (pure: arrays in, text out).
 
     Invariants: ids below ``logit_width``; ``k`` distinct captured ids per position,
@@ -194,7 +233,7 @@ def row_problem(row: codec.SparseRow, logit_width: int) -> str | None:
     return None
 
 
-def check_row_values(row: codec.SparseRow, manifest: Manifest, shard: str) -> None:
+def check_row_values(row: SparseRow, manifest: Manifest, shard: str) -> None:
     """Raise :class:`CacheError` naming the shard if a decoded row breaks an invariant (see :func:`row_problem`)."""
     problem = row_problem(row, manifest.logit_width)
     if problem is not None:

@@ -1,0 +1,430 @@
+"""Sparse teacher distributions <-> bytes, codec ``sparse-zstd`` version 2 (pure: arrays in, bytes out).
+
+Every capture strategy (top-k, top-p, sampled, hybrid) is stored with the same few
+transforms, each chosen because it measured smaller on real teacher output:
+
+- **ids sorted and delta-coded.** A position's ids are stored in ascending order, the
+  first as itself and each next one as its gap to the previous minus one. Hybrid rows sort
+  the head and the sampled ids as two groups, each restarting the deltas. The decoder
+  restores the order :class:`~pipeline.rows.SparseRow` promises (most probable first, ties
+  by ascending id, for top-k, top-p and the hybrid head) from the log-probabilities.
+- **variable-length positions** carry their number of ids in a ``lengths`` column; the
+  entries of all positions are concatenated with no padding.
+- **log-probabilities**, in the ids' stored order, either exactly at float16
+  (``lossless``) or quantised (``quantized``): ``Q = round(-logprob / step)`` as an
+  unsigned integer, stored as each position's smallest ``Q`` (its most probable entry) and
+  every entry's excess over it. Each log-probability is then within ``step / 2`` of the
+  teacher's; a uniform error of that size costs about ``step^2 / 24`` nats of KL.
+- **counts** of sampled ids as ``count - 1`` (every stored sampled id was drawn at least once).
+- every array is little-endian, *byte-shuffled* (byte plane 0 of all elements, then plane
+  1, ...) and compressed as one zstandard frame per row and column, as in version 1.
+
+Columns (the manifest's registry lists exactly those a capture needs, in this order):
+
+=================  ==========================  =====================================================
+column             stored (before shuffling)   present for
+=================  ==========================  =====================================================
+``input_ids``      ``<u4 [T]``                 every capture
+``lengths``        ``<u4 [T]``                 ``topp``, ``sample``, ``hybrid``
+``ids``            ``<u4 [n]`` gaps            every capture (``n`` = sum of lengths, or ``T * k``)
+``counts``         ``<u4 [m]`` count - 1       ``sample`` (m = n), ``hybrid`` (the sampled entries)
+``logprobs``       ``<f2 [n]`` or              every capture with log-probabilities
+                   ``<u4 [T]`` + ``<u4 [n]``
+``tail_logmass``   ``<f4 [T]``                 every capture with log-probabilities
+``source_record``  Arrow int64 (no frame)      optional provenance
+``record_offset``  Arrow int64 (no frame)      optional provenance
+=================  ==========================  =====================================================
+
+``docs/FORMAT.md`` specifies the same for readers with numpy and zstandard alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from pipeline.capture_spec import CaptureSpec
+from pipeline.codec import decode_array, shuffle_bytes, unshuffle_bytes
+from pipeline.errors import CacheError
+from pipeline.rows import SparseRow
+
+CODEC_NAME = "sparse-zstd"
+CODEC_VERSION = 2
+MODES = ("lossless", "quantized")
+DEFAULT_MODE = "quantized"
+DEFAULT_LOGPROB_STEP = 0.125
+MIN_LOGPROB_STEP = 2.0**-12
+MAX_LOGPROB_STEP = 1.0
+ZSTD_LEVEL = 3
+MAX_Q = 2**32 - 1
+# Encodings named in the column registry (each versioned by the codec's own version).
+SHUFFLE_U32 = "u32-shuffle-zstd"
+SORTED_IDS = "sorted-delta-u32-shuffle-zstd"
+COUNTS = "count-minus-1-u32-shuffle-zstd"
+LOGPROBS_F16 = "f16-shuffle-zstd"
+LOGPROBS_QUANTIZED = "quantized-u32-shuffle-zstd"
+TAIL_F32 = "f32-shuffle-zstd"
+INT64 = "int64"
+PROVENANCE_COLUMNS = ("source_record", "record_offset")
+# float16 rounding can lift a log-probability of -1e-4 to a hair above 0.
+LOGPROB_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """How a version 2 cache encodes its values: ``mode`` and, when quantised, the log-probability step in nats."""
+
+    mode: str = DEFAULT_MODE
+    logprob_step: float | None = DEFAULT_LOGPROB_STEP
+    level: int = ZSTD_LEVEL
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, or ``None`` (messages name the CLI flags)."""
+        if self.mode not in MODES:
+            return f"--codec-mode {self.mode!r} is not one of {', '.join(MODES)}"
+        if self.mode == "quantized":
+            step = self.logprob_step
+            if step is None or not (MIN_LOGPROB_STEP <= step <= MAX_LOGPROB_STEP):
+                return f"--logprob-step {step} must be between 2^-12 and 1 nat"
+        if not 1 <= self.level <= 22:
+            return f"--zstd-level {self.level} must be between 1 and 22"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``codec`` object."""
+        info: dict[str, Any] = {
+            "name": CODEC_NAME,
+            "version": CODEC_VERSION,
+            "mode": self.mode,
+            "zstd_level": self.level,
+        }
+        if self.mode == "quantized":
+            info["logprob_step"] = self.logprob_step
+        return info
+
+    @classmethod
+    def from_json(cls, info: dict[str, Any]) -> CodecSettings:
+        """From a manifest's ``codec`` object already checked by :func:`codec_problem`."""
+        return cls(
+            mode=info["mode"], logprob_step=info.get("logprob_step"), level=int(info.get("zstd_level", ZSTD_LEVEL))
+        )
+
+    @property
+    def label(self) -> str:
+        """``name/version``, as each shard's schema metadata records it."""
+        return f"{CODEC_NAME}/{CODEC_VERSION}"
+
+
+def columns(spec: CaptureSpec, settings: CodecSettings, provenance: bool = True) -> list[dict[str, Any]]:
+    """The column registry for a capture: ``{name, kind, encoding, required}`` per column, in shard order."""
+    registry = [_column("input_ids", "tokens", SHUFFLE_U32)]
+    if spec.variable_length:
+        registry.append(_column("lengths", "lengths", SHUFFLE_U32))
+    registry.append(_column("ids", "ids", SORTED_IDS))
+    if spec.has_counts:
+        registry.append(_column("counts", "counts", COUNTS))
+    if spec.has_logprobs:
+        encoding = LOGPROBS_F16 if settings.mode == "lossless" else LOGPROBS_QUANTIZED
+        registry.append(_column("logprobs", "logprobs", encoding))
+        registry.append(_column("tail_logmass", "tail_logmass", TAIL_F32))
+    if provenance:
+        registry.append(_column("source_record", "provenance", INT64, required=False))
+        registry.append(_column("record_offset", "provenance", INT64, required=False))
+    return registry
+
+
+def _column(name: str, kind: str, encoding: str, required: bool = True) -> dict[str, Any]:
+    return {"name": name, "kind": kind, "encoding": encoding, "required": required}
+
+
+def codec_problem(codec_info: dict[str, Any], registry: list[dict[str, Any]], spec: CaptureSpec) -> str | None:
+    """Why a version 2 manifest's ``codec`` and ``columns`` cannot be read by this codec, or ``None``.
+
+    Required columns must be exactly those the capture needs, with this codec's encodings;
+    optional columns this reader does not know are allowed (and skipped when reading).
+    """
+    name, version = codec_info.get("name"), codec_info.get("version")
+    if name != CODEC_NAME or version != CODEC_VERSION or isinstance(version, bool):
+        return (
+            f"codec {str(name)[:40]}/{str(version)[:20]} is not supported for format version 2 "
+            f"(this reader knows {CODEC_NAME}/{CODEC_VERSION}); upgrade the package"
+        )
+    mode = codec_info.get("mode")
+    if mode not in MODES:
+        return f"codec.mode {str(mode)[:40]!r} is not one of {', '.join(MODES)}; upgrade the package"
+    step = codec_info.get("logprob_step")
+    if mode == "quantized":
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            return "codec.logprob_step should be a number for the quantized mode"
+        if not MIN_LOGPROB_STEP <= step <= MAX_LOGPROB_STEP:
+            return f"codec.logprob_step {step} is outside [2^-12, 1]"
+    level = codec_info.get("zstd_level", ZSTD_LEVEL)
+    if isinstance(level, bool) or not isinstance(level, int):
+        return "codec.zstd_level should be an integer"
+    settings = CodecSettings(mode=mode, logprob_step=float(step) if mode == "quantized" else None)
+    expected = {column["name"]: column for column in columns(spec, settings)}
+    for column in registry:
+        known = expected.get(column["name"])
+        if known is None:
+            if column["required"]:
+                return (
+                    f"required column '{column['name']}' ({column['encoding']}) is unknown to this reader; "
+                    "upgrade the package"
+                )
+            continue
+        if column["encoding"] != known["encoding"] or column["kind"] != known["kind"]:
+            found, expected_as = f"{column['kind']}/{column['encoding']}", f"{known['kind']}/{known['encoding']}"
+            return f"column '{column['name']}' is {found}, expected {expected_as}"
+        if column["required"] != known["required"]:
+            return f"column '{column['name']}' has required={column['required']}, expected {known['required']}"
+    listed = {column["name"] for column in registry}
+    missing = [name for name, column in expected.items() if column["required"] and name not in listed]
+    if missing:
+        return f"columns lack '{missing[0]}', which a {spec.strategy} capture needs"
+    return None
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def _frame(values: np.ndarray, dtype: str, level: int) -> bytes:
+    cast = np.ascontiguousarray(values).astype(dtype, copy=False)
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(shuffle_bytes(cast))
+
+
+def _head_size(spec: CaptureSpec) -> int:
+    """Slots of a position that form the first sorted group: the hybrid head, else 0 (one group)."""
+    return int(spec.k) if spec.strategy == "hybrid" else 0
+
+
+def _stored_order(row: SparseRow, spec: CaptureSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``(T, K)`` slot order putting each position's valid ids in stored order, and the ``(T, K)`` valid mask after it.
+
+    Stored order: ascending id, with hybrid heads sorted apart from (and before) the sampled ids.
+    """
+    ids = row.ids.astype(np.int64)
+    valid = row.valid()
+    head = _head_size(spec)
+    group = np.where(valid, 1, 2).astype(np.int64)
+    if head:
+        group[:, :head] = np.where(valid[:, :head], 0, 2)
+    order = np.argsort(group * (1 << 33) + ids, axis=1, kind="stable")
+    lengths = valid.sum(axis=1)
+    return order, np.arange(ids.shape[1])[None, :] < lengths[:, None]
+
+
+def _group_starts(lengths: np.ndarray, head: int) -> np.ndarray:
+    """``(n,)`` bool: entries starting a sorted group (each position's first; in hybrid rows, also its first sample)."""
+    n = int(lengths.sum())
+    starts = np.zeros(n, dtype=bool)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    starts[offsets[lengths > 0]] = True
+    if head:
+        starts[offsets + head] = True  # hybrid positions hold head + at least one sampled id
+    return starts
+
+
+def encode_row(row: SparseRow, spec: CaptureSpec, settings: CodecSettings) -> dict[str, bytes]:
+    """Encode one row into a zstd frame per registered column (provenance columns excepted).
+
+    ``row`` follows the capture's conventions (see :class:`~pipeline.rows.SparseRow`); its
+    slots may come in any order. Equal rows always give equal bytes.
+    """
+    level = settings.level
+    order, stored_valid = _stored_order(row, spec)
+    lengths = stored_valid.sum(axis=1).astype(np.int64)
+    ids = np.take_along_axis(row.ids.astype(np.int64), order, axis=1)[stored_valid]
+    starts = _group_starts(lengths, _head_size(spec))
+    previous = np.concatenate([[0], ids[:-1]])
+    gaps = np.where(starts, ids, ids - previous - 1)
+    frames = {"input_ids": _frame(row.input_ids, "<u4", level)}
+    if spec.variable_length:
+        frames["lengths"] = _frame(lengths, "<u4", level)
+    frames["ids"] = _frame(gaps, "<u4", level)
+    if spec.has_counts:
+        counts = np.take_along_axis(row.counts, order, axis=1)[stored_valid].astype(np.int64)
+        sampled = counts[_sampled_mask(lengths, _head_size(spec))]
+        frames["counts"] = _frame(sampled - 1, "<u4", level)
+    if spec.has_logprobs:
+        logprobs = np.take_along_axis(row.logprobs, order, axis=1)[stored_valid]
+        frames["logprobs"] = _encode_logprobs(logprobs, lengths, settings)
+        frames["tail_logmass"] = _frame(row.tail_logmass, "<f4", level)
+    return frames
+
+
+def _sampled_mask(lengths: np.ndarray, head: int) -> np.ndarray:
+    """``(n,)`` bool: entries holding sampled ids (all of them, or those after the hybrid head)."""
+    n = int(lengths.sum())
+    if not head:
+        return np.ones(n, dtype=bool)
+    within = np.arange(n) - np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return within >= head
+
+
+def quantize_logprobs(logprobs: np.ndarray, step: float) -> np.ndarray:
+    """``Q = round(-logprob / step)`` as int64, clipped to ``[0, 2^32 - 1]``: ``(n,)`` float -> ``(n,)`` int64."""
+    scaled = np.rint(-logprobs.astype(np.float64) / step)
+    return np.clip(scaled, 0, MAX_Q).astype(np.int64)
+
+
+def _encode_logprobs(logprobs: np.ndarray, lengths: np.ndarray, settings: CodecSettings) -> bytes:
+    if settings.mode == "lossless":
+        return _frame(logprobs, "<f2", settings.level)
+    q = quantize_logprobs(logprobs, float(settings.logprob_step))
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    reference = np.minimum.reduceat(q, offsets)
+    excess = q - np.repeat(reference, lengths)
+    raw = shuffle_bytes(reference.astype("<u4")) + shuffle_bytes(excess.astype("<u4"))
+    return zstandard.ZstdCompressor(level=settings.level, write_content_size=True).compress(raw)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def decode_row(
+    frames: dict[str, bytes], seq_len: int, spec: CaptureSpec, settings: CodecSettings, logit_width: int
+) -> SparseRow:
+    """Decode and check one row; raise :class:`CacheError` naming the broken invariant.
+
+    Shapes come from the manifest (``seq_len``, the capture's limits), never from the data.
+    The row's width is its widest position's number of ids. Checks: lengths within the
+    capture's bounds; ids below ``logit_width`` and distinct per position (ascending by
+    construction within each sorted group; hybrid heads and samples disjoint); counts
+    summing to ``samples``; log-probabilities finite and at most 0, each position's
+    smallest quantised value stored as its reference; tails not NaN and at most 0; and
+    captured plus tail probability equal to 1 within :func:`mass_tolerance`.
+    """
+    T = seq_len
+    input_ids = decode_array(frames["input_ids"], "<u4", T).astype(np.int64)
+    if input_ids.size and int(input_ids.max()) >= logit_width:
+        raise CacheError(f"an input id is not below logit_width {logit_width}")
+    head = _head_size(spec)
+    if spec.variable_length:
+        lengths = decode_array(frames["lengths"], "<u4", T).astype(np.int64)
+        low, high = _length_bounds(spec, logit_width)
+        if lengths.min() < low or lengths.max() > high:
+            raise CacheError(f"a position's number of ids is outside [{low}, {high}] for this {spec.strategy} capture")
+    else:
+        lengths = np.full(T, spec.slots, dtype=np.int64)
+    n = int(lengths.sum())
+    gaps = decode_array(frames["ids"], "<u4", n).astype(np.int64)
+    starts = _group_starts(lengths, head)
+    steps = np.where(starts, gaps, gaps + 1)
+    running = np.cumsum(steps)
+    group = np.cumsum(starts) - 1
+    ids = running - (running - steps)[starts][group]
+    if n and int(ids.max()) >= logit_width:
+        raise CacheError(f"a stored id is not below logit_width {logit_width}")
+    width = int(lengths.max())
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    padded_ids = np.zeros((T, width), dtype=np.int64)
+    padded_ids[valid] = ids
+    if head:
+        _check_disjoint(padded_ids, valid)
+    counts = None
+    if spec.has_counts:
+        sampled = _sampled_mask(lengths, head)
+        drawn = decode_array(frames["counts"], "<u4", int(sampled.sum())).astype(np.int64) + 1
+        flat_counts = np.zeros(n, dtype=np.int64)
+        flat_counts[sampled] = drawn
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        if (np.add.reduceat(flat_counts, offsets) != spec.samples).any():
+            raise CacheError(f"a position's counts do not add up to the {spec.samples} samples drawn")
+        counts = np.zeros((T, width), dtype=np.int32)
+        counts[valid] = flat_counts
+    logprobs = tail = None
+    if spec.has_logprobs:
+        flat = _decode_logprobs(frames["logprobs"], lengths, settings)
+        tail = decode_array(frames["tail_logmass"], "<f4", T)
+        _check_mass(flat, tail, lengths, mass_tolerance(spec, settings))
+        logprobs = np.full((T, width), -np.inf, dtype=np.float32)
+        logprobs[valid] = flat
+    row = SparseRow(
+        input_ids=input_ids,
+        ids=padded_ids,
+        logprobs=logprobs,
+        tail_logmass=tail,
+        counts=counts,
+        lengths=lengths.astype(np.int32) if spec.variable_length else None,
+    )
+    return _most_probable_first(row, spec) if spec.strategy in ("topk", "topp", "hybrid") else row
+
+
+def _length_bounds(spec: CaptureSpec, logit_width: int) -> tuple[int, int]:
+    if spec.strategy == "topp":
+        return int(spec.min_k), int(spec.max_k)
+    if spec.strategy == "sample":
+        return 1, min(int(spec.samples), logit_width)
+    return int(spec.k) + 1, min(int(spec.k) + int(spec.samples), logit_width)
+
+
+def _check_disjoint(ids: np.ndarray, valid: np.ndarray) -> None:
+    marked = np.where(valid, ids, -1 - np.arange(ids.shape[1])[None, :])  # padding never collides
+    ordered = np.sort(marked, axis=1)
+    if (np.diff(ordered, axis=1) == 0).any():
+        raise CacheError("an id is captured twice at one position (in the head and among the samples)")
+
+
+def _decode_logprobs(frame: bytes, lengths: np.ndarray, settings: CodecSettings) -> np.ndarray:
+    n = int(lengths.sum())
+    if settings.mode == "lossless":
+        values = decode_array(frame, "<f2", n).astype(np.float32)
+        if not np.isfinite(values).all() or (values > LOGPROB_SLACK).any():
+            raise CacheError("a stored log-probability is not finite or is above 0")
+        return values
+    T = lengths.shape[0]
+    raw = _decompress_exact(frame, 4 * (T + n))
+    reference = unshuffle_bytes(raw[: 4 * T], "<u4", T).astype(np.int64)
+    excess = unshuffle_bytes(raw[4 * T :], "<u4", n).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    if (np.minimum.reduceat(excess, offsets) != 0).any():
+        raise CacheError("a position's quantised log-probabilities are not stored relative to their smallest value")
+    q = np.repeat(reference, lengths) + excess
+    return (-(q.astype(np.float64)) * float(settings.logprob_step)).astype(np.float32)
+
+
+def _decompress_exact(frame: bytes, expected: int) -> bytes:
+    """A frame's content, checked to be exactly ``expected`` bytes (see :func:`pipeline.codec.decode_array`)."""
+    return decode_array(frame, "<u1", expected).tobytes()
+
+
+def mass_tolerance(spec: CaptureSpec, settings: CodecSettings) -> float:
+    """How far ``log(captured mass + tail mass)`` may stray from 0 in a valid row.
+
+    Lossless: float16 rounds each log-probability ``l`` by at most ``2^-11 |l|``, which
+    moves the total by at most ``2^-11`` times the captured entropy (at most ``ln(K + 1)``).
+    Quantised: each log-probability moves by at most ``step / 2``, so the total does too.
+    """
+    if settings.mode == "lossless":
+        return 2.0**-11 * math.log(spec.slots + 1) + 1e-4
+    return float(settings.logprob_step) / 2 + 1e-4
+
+
+def _check_mass(flat: np.ndarray, tail: np.ndarray, lengths: np.ndarray, tolerance: float) -> None:
+    if np.isnan(tail).any() or (tail > LOGPROB_SLACK).any():
+        raise CacheError("a tail log-mass is NaN or above 0")
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    values = flat.astype(np.float64)
+    peak = np.maximum.reduceat(values, offsets)
+    captured = peak + np.log(np.add.reduceat(np.exp(values - np.repeat(peak, lengths)), offsets))
+    total = np.logaddexp(captured, tail.astype(np.float64))
+    worst = float(np.abs(total).max()) if total.size else 0.0
+    if worst > tolerance:
+        raise CacheError(f"captured and tail probability add up to exp({worst:+.3g}), not 1")
+
+
+def _most_probable_first(row: SparseRow, spec: CaptureSpec) -> SparseRow:
+    """Reorder top-k, top-p and hybrid-head slots most probable first (ties: ascending id)."""
+    head = _head_size(spec) or row.width
+    logprobs = row.logprobs[:, :head]
+    order = np.argsort(-logprobs, axis=1, kind="stable")  # stored ascending by id, so ties stay by id
+    ids = row.ids.copy()
+    values = row.logprobs.copy()
+    ids[:, :head] = np.take_along_axis(row.ids[:, :head], order, axis=1)
+    values[:, :head] = np.take_along_axis(logprobs, order, axis=1)
+    counts = row.counts
+    return SparseRow(row.input_ids, ids, values, row.tail_logmass, counts, row.lengths)

@@ -1,0 +1,269 @@
+"""Setting up a student pass: every check and every load, before ``--out`` is touched.
+
+:func:`prepare_run` opens the caches, checks the distillation loss against the training
+cache's capture, resolves and checks the tokenizer, loads and checks the student, and
+bundles what it decided in one :class:`StudentRun` for the loop in :mod:`pipeline.student`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import models
+from pipeline.cache import Cache, open_cache
+from pipeline.cache_tokenizer import load_cache_tokenizer
+from pipeline.capture_spec import CaptureSpec
+from pipeline.config import StudentTrainConfig
+from pipeline.errors import ConfigError, TokenizerMismatchError, first_line
+from pipeline.evaluate import head_chunk_positions
+from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
+from pipeline.losses import check_target_fits
+from pipeline.run_folder import OutputPlan, check_output
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    """What the setup of a student pass decided, all of it checked before ``--out`` is touched.
+
+    Attributes:
+        cfg: the settings.
+        plan: what ``--out`` holds and what the run does with it.
+        cache, eval_cache: the training cache and the optional held-out one.
+        tokenizer, tokenizer_origin: the tokenizer saved with the student, and where it came from.
+        model, origin: the student, and whether it came from a config or pretrained weights.
+        head: the student split into backbone and LM head, for the chunked head.
+        device: where it trains.
+        chunk_positions: positions per LM-head chunk.
+        autocast: bf16 autocast on CUDA, else ``None``.
+        total_steps, warmup: the learning-rate schedule's length and warm-up.
+        manifest_sha256: the training cache's identity, recorded in checkpoints.
+    """
+
+    cfg: StudentTrainConfig
+    plan: OutputPlan
+    cache: Cache
+    eval_cache: Cache | None
+    tokenizer: Any
+    tokenizer_origin: str
+    model: torch.nn.Module
+    origin: str
+    head: models.LMHead
+    device: torch.device
+    chunk_positions: int
+    autocast: torch.autocast | None
+    total_steps: int
+    warmup: int
+    manifest_sha256: str
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows read per optimizer step: ``--batch-size x --grad-accum``."""
+        return self.cfg.batch_size * self.cfg.grad_accum
+
+    @property
+    def capture(self) -> CaptureSpec:
+        """The training cache's capture strategy, which decides the distillation target."""
+        return self.cache.manifest.capture
+
+
+def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
+    """Open and check everything the run needs; nothing is written."""
+    plan = check_output(cfg)
+    torch.manual_seed(cfg.seed)
+    cache, eval_cache = open_caches(cfg)
+    tokenizer, tokenizer_origin = resolve_student_tokenizer(cfg, cache)
+    if eval_cache is not None:
+        check_tokenizer_matches(tokenizer, tokenizer_origin, eval_cache, "--eval-cache")
+    device = models.pick_device(cfg.device)
+    model, origin = load_checked_student(cfg, cache, eval_cache, device)
+    log.info(
+        "student %s: %s, %s parameters, on %s; tokenizer from %s",
+        cfg.student,
+        "a fresh model built from its config" if origin == "config" else "its pretrained weights",
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        device,
+        tokenizer_origin,
+    )
+    total_steps = planned_steps(cfg, len(cache))
+    return StudentRun(
+        cfg=cfg,
+        plan=plan,
+        cache=cache,
+        eval_cache=eval_cache,
+        tokenizer=tokenizer,
+        tokenizer_origin=tokenizer_origin,
+        model=model,
+        origin=origin,
+        head=models.LMHead(model),
+        device=device,
+        chunk_positions=cfg.head_chunk or head_chunk_positions(models.logit_width(model.config)),
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
+        total_steps=total_steps,
+        warmup=cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20),
+        manifest_sha256=cache_manifest_sha256(cache),
+    )
+
+
+def open_caches(cfg: StudentTrainConfig) -> tuple[Cache, Cache | None]:
+    """``--cache`` and ``--eval-cache``, with the distillation loss checked against the training capture.
+
+    Held-out evaluation fits every capture (:func:`pipeline.losses.evaluation_temperature`).
+    """
+    cache = open_cache(cfg.cache, verify=cfg.verify)
+    check_capture_fits(cfg, cache.manifest.capture)
+    eval_cache = open_cache(cfg.eval_cache, verify=cfg.verify) if cfg.eval_cache else None
+    return cache, eval_cache
+
+
+def check_capture_fits(cfg: StudentTrainConfig, capture: CaptureSpec) -> None:
+    """Refuse settings whose distillation loss a cache of ``capture`` cannot give, in one line naming the flags.
+
+    With ``--alpha 0`` the run is cross-entropy alone and fits every cache.
+    """
+    if cfg.alpha > 0:
+        check_target_fits(capture, cfg.temperature)
+
+
+def load_checked_student(
+    cfg: StudentTrainConfig, cache: Cache, eval_cache: Cache | None, device: torch.device
+) -> tuple[torch.nn.Module, str]:
+    """The student on ``device``, checked against both caches; returns it and its origin (``"config"`` or weights)."""
+    overrides = models.parse_overrides(cfg.student_config)
+    model, origin = models.load_student(cfg.student, overrides, device, cfg.trust_remote_code)
+    check_student_fits(model, origin, cache, "--cache")
+    if eval_cache is not None:
+        check_student_fits(model, origin, eval_cache, "--eval-cache")
+    return model, origin
+
+
+def resolve_student_tokenizer(cfg: StudentTrainConfig, cache: Cache) -> tuple[Any, str]:
+    """The tokenizer to save with the student, checked against the cache's fingerprint.
+
+    Taken from ``--tokenizer``, else from the student source if it has one, else from the
+    copy the teacher pass stored in the cache (loaded as untrusted input:
+    :func:`pipeline.cache_tokenizer.load_cache_tokenizer`, never with remote code).
+    """
+    student_path = Path(cfg.student)
+    if cfg.tokenizer:
+        _refuse_tokenizer_inside_a_cache(cfg)
+        spec, origin = cfg.tokenizer, "--tokenizer"
+    elif student_path.is_dir() and any((student_path / marker).exists() for marker in TOKENIZER_MARKERS):
+        spec, origin = str(student_path), "the student folder"
+    elif not student_path.exists():
+        spec, origin = cfg.student, "the student's Hub repo"
+    else:
+        spec, origin = None, "the cache"
+    if spec is None:
+        tokenizer = load_cache_tokenizer(cache)
+    else:
+        tokenizer = models.load_tokenizer(spec, "student", cfg.trust_remote_code)
+    check_tokenizer_matches(tokenizer, origin, cache, "--cache")
+    return tokenizer, origin
+
+
+def _refuse_tokenizer_inside_a_cache(cfg: StudentTrainConfig) -> None:
+    """``--tokenizer`` loads with ``--trust-remote-code``, which must never reach a cache's files."""
+    tokenizer = Path(cfg.tokenizer or "").expanduser()
+    if not cfg.tokenizer or not tokenizer.exists():
+        return
+    for cache, flag in ((cfg.cache, "--cache"), (cfg.eval_cache, "--eval-cache")):
+        if cache and tokenizer.resolve().is_relative_to(Path(cache).expanduser().resolve()):
+            raise ConfigError(
+                f"--tokenizer '{cfg.tokenizer}' lies inside {flag}; a cache's files are only loaded through its "
+                "checked copy: drop --tokenizer to use it"
+            )
+
+
+def check_tokenizer_matches(tokenizer: Any, origin: str, cache: Cache, flag: str) -> None:
+    """Refuse ``tokenizer`` unless its fingerprint, at the version ``cache`` used, is the cache's."""
+    expected = cache.manifest.tokenizer_fingerprint
+    try:
+        actual = tokenizer_fingerprint(tokenizer, version=cache.manifest.tokenizer_fingerprint_version)
+    except ValueError as exc:
+        raise TokenizerMismatchError(
+            f"cannot fingerprint the student's tokenizer (from {origin}): {first_line(exc)}"
+        ) from exc
+    if actual == expected:
+        return
+    if flag == "--cache":
+        raise TokenizerMismatchError(
+            f"the student's tokenizer (from {origin}, fingerprint {actual[:12]}) differs from the teacher's "
+            f"in the cache (fingerprint {expected[:12]}); use a student that shares the teacher's tokenizer"
+        )
+    raise TokenizerMismatchError(
+        f"{flag} was made with another tokenizer (fingerprint {expected[:12]}) than the student's "
+        f"(from {origin}, fingerprint {actual[:12]}); use a cache of the same teacher as --cache"
+    )
+
+
+def check_student_fits(model: torch.nn.Module, origin: str, cache: Cache, flag: str) -> None:
+    """Refuse a student with fewer logits than ``cache``'s ids need, or learned positions fewer than its seq_len.
+
+    A student whose positions are not learned (rotary) gets a warning instead: it runs
+    past ``max_position_embeddings``, usually worse.
+    """
+    width = models.logit_width(model.config)
+    needed = cache.manifest.logit_width
+    if width < needed:
+        if origin == "config":
+            how = f"give it vocab_size={needed} (--student-config vocab_size={needed})"
+        else:
+            how = (
+                f"load it with transformers, call model.resize_token_embeddings({needed}), save_pretrained it "
+                "to a folder and pass that folder as --student"
+            )
+        raise ConfigError(
+            f"the student has {width} logits but {flag}'s ids go up to {needed - 1}, so it needs at least "
+            f"{needed}; {how}"
+        )
+    limit = models.max_positions(model.config)
+    seq_len = cache.manifest.seq_len
+    if limit is None or seq_len <= limit:
+        return
+    if models.has_learned_positions(model):
+        raise ConfigError(
+            f"{flag} holds sequences of {seq_len} tokens but the student has learned positions for only {limit}; "
+            f"use a student with max_position_embeddings >= {seq_len}, or a cache made with a shorter --seq-len"
+        )
+    log.warning(
+        "%s holds sequences of %d tokens, more than the student's max_position_embeddings %d; its positions "
+        "are not learned (rotary), so it trains, but it may do worse past %d",
+        flag,
+        seq_len,
+        limit,
+        limit,
+    )
+
+
+def planned_steps(cfg: StudentTrainConfig, sequences: int) -> int:
+    """Optimizer steps of the whole run: ``--max-steps``, else ``--epochs`` (default 1) over ``sequences`` rows."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(sequences * (cfg.epochs or 1.0) / (cfg.batch_size * cfg.grad_accum)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def cache_manifest_sha256(cache: Cache) -> str:
+    """The sha256 of ``cache``'s manifest file: the cache's identity in checkpoints and ``training.json``."""
+    return sha256_file(cache.path / "manifest.json")
