@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from pipeline import codec_v2
 from pipeline.config import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
@@ -101,17 +102,24 @@ def main(verbose: bool, quiet: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="sample, hybrid: seed of the draws.")
 @click.option(
     "--codec-mode",
-    type=click.Choice(["quantized", "lossless"]),
-    default="quantized",
+    type=click.Choice(list(codec_v2.MODES)),
+    default=codec_v2.DEFAULT_MODE,
     show_default=True,
-    help="quantized: log-probabilities within --logprob-step / 2 of the teacher's; lossless: exact at float16.",
+    help="How log-probabilities are stored: lossless (float16); quantized (within --logprob-step / 2 nats); "
+    "sqrt (square root of probability within --sqrt-step / 2: the smallest for a given KL).",
 )
 @click.option(
     "--logprob-step",
     type=float,
-    default=0.125,
-    show_default=True,
-    help="quantized: log-probability step in nats (about step^2 / 24 nats of KL).",
+    default=None,
+    help=f"quantized: log-probability step in nats, about step^2 / 24 nats of KL [{codec_v2.DEFAULT_LOGPROB_STEP}].",
+)
+@click.option(
+    "--sqrt-step",
+    type=float,
+    default=None,
+    help="sqrt: step on the square root of probability, about K step^2 / 6 nats of KL "
+    f"[1/{1 / codec_v2.DEFAULT_SQRT_STEP:g}].",
 )
 @click.option(
     "--dtype",
@@ -282,6 +290,56 @@ def verify_cache(cache: str, deep: bool) -> None:
         sys.exit(1)
     what = f"{checked} rows decoded and checked" if deep else f"{checked} shard(s) match the manifest"
     click.echo(f"ok: {what}")
+
+
+@main.command("recode")
+@click.option("--cache", required=True, help="Cache folder to read (format version 1 or 2).")
+@click.option("--out", required=True, help="Folder for the recoded cache (a new one; never --cache itself).")
+@click.option(
+    "--codec-mode",
+    type=click.Choice(["quantized", "lossless", "sqrt"]),
+    default=None,
+    help="How to store log-probabilities [the source's; the mode of a step flag given]. A source quantized on "
+    "one grid cannot become lossless or move to the other.",
+)
+@click.option(
+    "--logprob-step",
+    type=float,
+    default=None,
+    help="quantized: step in nats [the source's, else 0.125]; from a quantized source, an odd multiple of its step.",
+)
+@click.option(
+    "--sqrt-step",
+    type=float,
+    default=None,
+    help="sqrt: step on the square root of probability [the source's, else 1/128]; from a sqrt source, an odd "
+    "multiple of its step.",
+)
+@click.option(
+    "--top-k",
+    type=int,
+    default=None,
+    help="Keep at most this many ids per position (topk and topp captures; at most the source's), "
+    "the rest folded into the tail.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache in --out.")
+@_one_line_errors
+def recode(**options: Any) -> None:
+    """Rewrite a cache in another codec mode, a coarser step or with fewer ids, without the teacher."""
+    from pipeline.config import RecodeConfig
+    from pipeline.recode import run_recode
+
+    summary = run_recode(RecodeConfig(**options))
+    if summary.status != "written":
+        click.echo(f"cache {summary.path}: {summary.status} as this recode of {summary.source}; nothing to do")
+        return
+    click.echo(
+        f"cache {summary.path}: recoded from {summary.source}, {summary.tokens:,} tokens in {summary.sequences:,} "
+        f"sequences, {summary.shards} shard(s), {summary.bytes:,} bytes ({summary.bytes_per_token:.1f} bytes/token, "
+        f"source {summary.source_bytes_per_token:.1f}); {summary.codec}, at most {summary.ids_per_position} ids "
+        f"per position, {summary.seconds:.1f} s"
+        + (f"; resumed after {summary.resumed_shards} committed shard(s)" if summary.resumed_shards else "")
+    )
 
 
 if __name__ == "__main__":

@@ -48,25 +48,29 @@ import numpy as np
 import zstandard
 
 from pipeline.capture_spec import CaptureSpec
-from pipeline.codec import decode_array, shuffle_bytes, unshuffle_bytes
+from pipeline.codec import decode_array, frame_length, shuffle_bytes, unshuffle_bytes
 from pipeline.errors import CacheError
 from pipeline.rows import SparseRow
 
 CODEC_NAME = "sparse-zstd"
 CODEC_VERSION = 2
-MODES = ("lossless", "quantized")
-DEFAULT_MODE = "quantized"
+MODES = ("lossless", "quantized", "sqrt")
+DEFAULT_MODE = "sqrt"
 DEFAULT_LOGPROB_STEP = 0.125
 MIN_LOGPROB_STEP = 2.0**-12
 MAX_LOGPROB_STEP = 1.0
+DEFAULT_SQRT_STEP = 1.0 / 128
+MIN_SQRT_STEP = 2.0**-16
+MAX_SQRT_STEP = 0.25
 ZSTD_LEVEL = 3
 MAX_Q = 2**32 - 1
 # Encodings named in the column registry (each versioned by the codec's own version).
 SHUFFLE_U32 = "u32-shuffle-zstd"
-SORTED_IDS = "sorted-delta-u32-shuffle-zstd"
+SORTED_IDS = "row-dictionary-sorted-delta-shuffle-zstd"
 COUNTS = "count-minus-1-u32-shuffle-zstd"
 LOGPROBS_F16 = "f16-shuffle-zstd"
 LOGPROBS_QUANTIZED = "quantized-u32-shuffle-zstd"
+LOGPROBS_SQRT = "sqrt-prob-u16-shuffle-zstd"
 TAIL_F32 = "f32-shuffle-zstd"
 INT64 = "int64"
 PROVENANCE_COLUMNS = ("source_record", "record_offset")
@@ -76,11 +80,31 @@ LOGPROB_SLACK = 1e-3
 
 @dataclass(frozen=True)
 class CodecSettings:
-    """How a version 2 cache encodes its values: ``mode`` and, when quantised, the log-probability step in nats."""
+    """How a version 2 cache encodes its log-probabilities.
+
+    ``mode``: ``lossless`` (float16), ``quantized`` (uniform in log-probability, step
+    ``logprob_step`` nats) or ``sqrt`` (uniform in the square root of probability, step
+    ``sqrt_step``). Only the current mode's step is used; the other is ``None``.
+    """
 
     mode: str = DEFAULT_MODE
     logprob_step: float | None = DEFAULT_LOGPROB_STEP
     level: int = ZSTD_LEVEL
+    sqrt_step: float | None = None
+
+    @classmethod
+    def for_mode(cls, mode: str, step: float | None = None, level: int = ZSTD_LEVEL) -> CodecSettings:
+        """Settings for ``mode`` with its step (the mode's default when ``None``)."""
+        if mode == "quantized":
+            return cls(mode, logprob_step=DEFAULT_LOGPROB_STEP if step is None else step, level=level)
+        if mode == "sqrt":
+            return cls(mode, logprob_step=None, sqrt_step=DEFAULT_SQRT_STEP if step is None else step, level=level)
+        return cls(mode, logprob_step=None, level=level)
+
+    @property
+    def step(self) -> float | None:
+        """The current mode's quantisation step (``None`` when lossless)."""
+        return {"quantized": self.logprob_step, "sqrt": self.sqrt_step}.get(self.mode)
 
     def problem(self) -> str | None:
         """What is wrong with these settings, or ``None`` (messages name the CLI flags)."""
@@ -90,6 +114,10 @@ class CodecSettings:
             step = self.logprob_step
             if step is None or not (MIN_LOGPROB_STEP <= step <= MAX_LOGPROB_STEP):
                 return f"--logprob-step {step} must be between 2^-12 and 1 nat"
+        if self.mode == "sqrt":
+            step = self.sqrt_step
+            if step is None or not (MIN_SQRT_STEP <= step <= MAX_SQRT_STEP):
+                return f"--sqrt-step {step} must be between 2^-16 and 1/4"
         if not 1 <= self.level <= 22:
             return f"--zstd-level {self.level} must be between 1 and 22"
         return None
@@ -104,13 +132,18 @@ class CodecSettings:
         }
         if self.mode == "quantized":
             info["logprob_step"] = self.logprob_step
+        if self.mode == "sqrt":
+            info["sqrt_step"] = self.sqrt_step
         return info
 
     @classmethod
     def from_json(cls, info: dict[str, Any]) -> CodecSettings:
         """From a manifest's ``codec`` object already checked by :func:`codec_problem`."""
         return cls(
-            mode=info["mode"], logprob_step=info.get("logprob_step"), level=int(info.get("zstd_level", ZSTD_LEVEL))
+            mode=info["mode"],
+            logprob_step=info.get("logprob_step"),
+            level=int(info.get("zstd_level", ZSTD_LEVEL)),
+            sqrt_step=info.get("sqrt_step"),
         )
 
     @property
@@ -128,7 +161,7 @@ def columns(spec: CaptureSpec, settings: CodecSettings, provenance: bool = True)
     if spec.has_counts:
         registry.append(_column("counts", "counts", COUNTS))
     if spec.has_logprobs:
-        encoding = LOGPROBS_F16 if settings.mode == "lossless" else LOGPROBS_QUANTIZED
+        encoding = {"lossless": LOGPROBS_F16, "quantized": LOGPROBS_QUANTIZED, "sqrt": LOGPROBS_SQRT}[settings.mode]
         registry.append(_column("logprobs", "logprobs", encoding))
         registry.append(_column("tail_logmass", "tail_logmass", TAIL_F32))
     if provenance:
@@ -156,16 +189,26 @@ def codec_problem(codec_info: dict[str, Any], registry: list[dict[str, Any]], sp
     mode = codec_info.get("mode")
     if mode not in MODES:
         return f"codec.mode {str(mode)[:40]!r} is not one of {', '.join(MODES)}; upgrade the package"
-    step = codec_info.get("logprob_step")
-    if mode == "quantized":
+    bounds = {
+        "quantized": ("logprob_step", MIN_LOGPROB_STEP, MAX_LOGPROB_STEP, "[2^-12, 1]"),
+        "sqrt": ("sqrt_step", MIN_SQRT_STEP, MAX_SQRT_STEP, "[2^-16, 1/4]"),
+    }
+    step = None
+    if mode in bounds:
+        field, low, high, shown = bounds[mode]
+        step = codec_info.get(field)
         if isinstance(step, bool) or not isinstance(step, (int, float)):
-            return "codec.logprob_step should be a number for the quantized mode"
-        if not MIN_LOGPROB_STEP <= step <= MAX_LOGPROB_STEP:
-            return f"codec.logprob_step {step} is outside [2^-12, 1]"
+            return f"codec.{field} should be a number for the {mode} mode"
+        if not low <= step <= high:
+            return f"codec.{field} {step} is outside {shown}"
+    allowed = {"name", "version", "mode", "zstd_level"} | ({bounds[mode][0]} if mode in bounds else set())
+    extra = sorted(set(codec_info) - allowed)
+    if extra:
+        return f"codec.{str(extra[0])[:40]} does not belong to the {mode} mode"
     level = codec_info.get("zstd_level", ZSTD_LEVEL)
     if isinstance(level, bool) or not isinstance(level, int):
         return "codec.zstd_level should be an integer"
-    settings = CodecSettings(mode=mode, logprob_step=float(step) if mode == "quantized" else None)
+    settings = CodecSettings.for_mode(mode, float(step) if step is not None else None)
     expected = {column["name"]: column for column in columns(spec, settings)}
     for column in registry:
         known = expected.get(column["name"])
@@ -239,12 +282,10 @@ def encode_row(row: SparseRow, spec: CaptureSpec, settings: CodecSettings) -> di
     lengths = stored_valid.sum(axis=1).astype(np.int64)
     ids = np.take_along_axis(row.ids.astype(np.int64), order, axis=1)[stored_valid]
     starts = _group_starts(lengths, _head_size(spec))
-    previous = np.concatenate([[0], ids[:-1]])
-    gaps = np.where(starts, ids, ids - previous - 1)
     frames = {"input_ids": _frame(row.input_ids, "<u4", level)}
     if spec.variable_length:
         frames["lengths"] = _frame(lengths, "<u4", level)
-    frames["ids"] = _frame(gaps, "<u4", level)
+    frames["ids"] = _encode_ids(ids, starts, level)
     if spec.has_counts:
         counts = np.take_along_axis(row.counts, order, axis=1)[stored_valid].astype(np.int64)
         sampled = counts[_sampled_mask(lengths, _head_size(spec))]
@@ -254,6 +295,83 @@ def encode_row(row: SparseRow, spec: CaptureSpec, settings: CodecSettings) -> di
         frames["logprobs"] = _encode_logprobs(logprobs, lengths, settings)
         frames["tail_logmass"] = _frame(row.tail_logmass, "<f4", level)
     return frames
+
+
+def _sorted_gaps(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Ascending runs -> each run's first value, then each next value's gap to the previous minus one."""
+    previous = np.concatenate([[0], values[:-1]])
+    return np.where(starts, values, values - previous - 1)
+
+
+def _ungap(gaps: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_sorted_gaps` (runs strictly ascending by construction)."""
+    steps = np.where(starts, gaps, gaps + 1)
+    running = np.cumsum(steps)
+    run = np.cumsum(starts) - 1
+    return running - (running - steps)[starts][run]
+
+
+def _index_dtype(entries: int) -> str:
+    return "<u2" if entries <= 1 << 16 else "<u4"
+
+
+def _encode_ids(ids: np.ndarray, starts: np.ndarray, level: int) -> bytes:
+    """The row's distinct ids (ascending, gaps) and each entry's index among them (per sorted group, gaps).
+
+    Frame content: ``<u4`` number of distinct ids ``m``; ``<u4 [m]`` their gaps, shuffled;
+    ``[n]`` index gaps as ``<u2`` (``m <= 65536``) or ``<u4``, shuffled.
+    """
+    distinct = np.unique(ids)
+    index = np.searchsorted(distinct, ids)
+    raw = (
+        np.array([distinct.size], dtype="<u4").tobytes()
+        + shuffle_bytes(_sorted_gaps(distinct, np.arange(distinct.size) == 0).astype("<u4"))
+        + shuffle_bytes(_sorted_gaps(index, starts).astype(_index_dtype(distinct.size)))
+    )
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+
+
+def _decode_ids(frame: bytes, starts: np.ndarray, logit_width: int) -> np.ndarray:
+    """``(n,)`` int64 ids from :func:`_encode_ids`'s frame; sizes checked before anything is allocated."""
+    n = starts.size
+    raw = _decompress_within(frame, 4 + 8 * n)
+    distinct_count = int(np.frombuffer(raw[:4], dtype="<u4")[0]) if len(raw) >= 4 else -1
+    if not (min(n, 1) <= distinct_count <= min(n, logit_width)):
+        raise CacheError(f"the ids frame lists {distinct_count} distinct ids for {n} entries")
+    index_size = np.dtype(_index_dtype(distinct_count)).itemsize
+    if len(raw) != 4 + 4 * distinct_count + index_size * n:
+        raise CacheError("the ids frame's size does not match its number of distinct ids")
+    body = raw[4 : 4 + 4 * distinct_count]
+    distinct_gaps = unshuffle_bytes(body, "<u4", distinct_count).astype(np.int64)
+    distinct = _ungap(distinct_gaps, np.arange(distinct_count) == 0)
+    if distinct_count and int(distinct[-1]) >= logit_width:
+        raise CacheError(f"a stored id is not below logit_width {logit_width}")
+    index_gaps = unshuffle_bytes(raw[4 + 4 * distinct_count :], _index_dtype(distinct_count), n).astype(np.int64)
+    index = _ungap(index_gaps, starts)
+    if n and int(index.max()) >= distinct_count:
+        raise CacheError("an id's index is beyond the row's distinct ids")
+    return distinct[index]
+
+
+def _decompress_within(frame: bytes, limit: int) -> bytes:
+    """A frame's content whose declared size is at most ``limit`` bytes, checked before decompressing."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise CacheError(f"not a zstd frame ({exc}); the shard is corrupt") from exc
+    if not 0 <= declared <= limit:
+        raise CacheError(
+            f"zstd frame declares {declared} bytes where at most {limit} are possible; the shard is corrupt"
+        )
+    if frame_length(frame) != len(frame):
+        raise CacheError("zstd frame is followed by extra bytes, or is truncated; the shard is corrupt")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max(declared, 1))
+    except zstandard.ZstdError as exc:
+        raise CacheError(f"zstd frame does not decompress ({exc}); the shard is corrupt") from exc
+    if len(raw) != declared:
+        raise CacheError(f"zstd frame holds {len(raw)} bytes, declared {declared}")
+    return raw
 
 
 def _sampled_mask(lengths: np.ndarray, head: int) -> np.ndarray:
@@ -271,9 +389,26 @@ def quantize_logprobs(logprobs: np.ndarray, step: float) -> np.ndarray:
     return np.clip(scaled, 0, MAX_Q).astype(np.int64)
 
 
+def sqrt_levels(logprobs: np.ndarray, step: float) -> np.ndarray:
+    """``round(sqrt(p) / step)`` as int64 for ``p = exp(logprob)``: ``(n,)`` float -> ``(n,)`` int64."""
+    return np.rint(np.exp(logprobs.astype(np.float64) / 2) / step).astype(np.int64)
+
+
+def sqrt_logprobs(levels: np.ndarray, step: float) -> np.ndarray:
+    """The log-probabilities that :func:`sqrt_levels` levels stand for: ``(n,)`` int -> ``(n,)`` float32.
+
+    Level ``q >= 1`` is ``2 log(q step)``; level 0 (``p < step^2 / 4``) is ``2 log(step / 4)``,
+    inside its interval on the square-root scale.
+    """
+    roots = np.where(levels > 0, levels.astype(np.float64), 0.25) * step
+    return (2.0 * np.log(roots)).astype(np.float32)
+
+
 def _encode_logprobs(logprobs: np.ndarray, lengths: np.ndarray, settings: CodecSettings) -> bytes:
     if settings.mode == "lossless":
         return _frame(logprobs, "<f2", settings.level)
+    if settings.mode == "sqrt":
+        return _frame(sqrt_levels(logprobs, float(settings.sqrt_step)), "<u2", settings.level)
     q = quantize_logprobs(logprobs, float(settings.logprob_step))
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     reference = np.minimum.reduceat(q, offsets)
@@ -311,14 +446,7 @@ def decode_row(
     else:
         lengths = np.full(T, spec.slots, dtype=np.int64)
     n = int(lengths.sum())
-    gaps = decode_array(frames["ids"], "<u4", n).astype(np.int64)
-    starts = _group_starts(lengths, head)
-    steps = np.where(starts, gaps, gaps + 1)
-    running = np.cumsum(steps)
-    group = np.cumsum(starts) - 1
-    ids = running - (running - steps)[starts][group]
-    if n and int(ids.max()) >= logit_width:
-        raise CacheError(f"a stored id is not below logit_width {logit_width}")
+    ids = _decode_ids(frames["ids"], _group_starts(lengths, head), logit_width)
     width = int(lengths.max())
     valid = np.arange(width)[None, :] < lengths[:, None]
     padded_ids = np.zeros((T, width), dtype=np.int64)
@@ -376,6 +504,12 @@ def _decode_logprobs(frame: bytes, lengths: np.ndarray, settings: CodecSettings)
         if not np.isfinite(values).all() or (values > LOGPROB_SLACK).any():
             raise CacheError("a stored log-probability is not finite or is above 0")
         return values
+    if settings.mode == "sqrt":
+        step = float(settings.sqrt_step)
+        levels = decode_array(frame, "<u2", n).astype(np.int64)
+        if n and int(levels.max()) > int(np.rint(1.0 / step)):
+            raise CacheError("a stored probability level is above 1")
+        return sqrt_logprobs(levels, step)
     T = lengths.shape[0]
     raw = _decompress_exact(frame, 4 * (T + n))
     reference = unshuffle_bytes(raw[: 4 * T], "<u4", T).astype(np.int64)
@@ -398,9 +532,16 @@ def mass_tolerance(spec: CaptureSpec, settings: CodecSettings) -> float:
     Lossless: float16 rounds each log-probability ``l`` by at most ``2^-11 |l|``, which
     moves the total by at most ``2^-11`` times the captured entropy (at most ``ln(K + 1)``).
     Quantised: each log-probability moves by at most ``step / 2``, so the total does too.
+    Square root: each probability moves by at most ``step sqrt(p) + step^2 / 4``, so the
+    captured mass moves by at most ``x = step sqrt(K) + K step^2 / 4`` (Cauchy-Schwarz),
+    and its log by at most ``-log(1 - x)``.
     """
     if settings.mode == "lossless":
         return 2.0**-11 * math.log(spec.slots + 1) + 1e-4
+    if settings.mode == "sqrt":
+        step, slots = float(settings.sqrt_step), spec.slots
+        moved = step * math.sqrt(slots) + slots * step * step / 4
+        return -math.log(1.0 - moved) + 1e-4 if moved < 1 else math.inf
     return float(settings.logprob_step) / 2 + 1e-4
 
 

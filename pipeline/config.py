@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pipeline.capture_spec import STRATEGIES, CaptureSpec
-from pipeline.codec_v2 import CodecSettings
+from pipeline.codec_v2 import DEFAULT_MODE, CodecSettings
 from pipeline.errors import ConfigError
 
 DEFAULT_TOP_K = 64
@@ -43,8 +43,9 @@ class TeacherCacheConfig:
     sample_temperature: float = 1.0
     sample_logprobs: bool = False
     seed: int = 0
-    codec_mode: Literal["quantized", "lossless"] = "quantized"
-    logprob_step: float = 0.125
+    codec_mode: Literal["quantized", "lossless", "sqrt"] = DEFAULT_MODE
+    logprob_step: float | None = None
+    sqrt_step: float | None = None
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     device: str = "auto"
     batch_size: int = 8
@@ -62,6 +63,12 @@ class TeacherCacheConfig:
         problem = self.capture_spec().problem()
         if problem:
             raise ConfigError(problem)
+        for flag, value, mode in (
+            ("--logprob-step", self.logprob_step, "quantized"),
+            ("--sqrt-step", self.sqrt_step, "sqrt"),
+        ):
+            if value is not None and self.codec_mode != mode:
+                raise ConfigError(f"{flag} applies to --codec-mode {mode}, not {self.codec_mode}; drop one of them")
         problem = self.codec_settings().problem()
         if problem:
             raise ConfigError(problem)
@@ -81,9 +88,10 @@ class TeacherCacheConfig:
             )
 
     def codec_settings(self) -> CodecSettings:
-        """How the cache encodes values (``--codec-mode``, ``--logprob-step``)."""
-        step = self.logprob_step if self.codec_mode == "quantized" else None
-        return CodecSettings(mode=self.codec_mode, logprob_step=step)
+        """How the cache encodes values (``--codec-mode``, ``--logprob-step``, ``--sqrt-step``)."""
+        return CodecSettings.for_mode(
+            self.codec_mode, self.sqrt_step if self.codec_mode == "sqrt" else self.logprob_step
+        )
 
     def capture_spec(self) -> CaptureSpec:
         """The capture these settings ask for (checked against the teacher's width once it is known)."""
@@ -196,3 +204,51 @@ class StudentTrainConfig:
         values = asdict(self)
         values["student_config"] = list(self.student_config)
         return values
+
+
+@dataclass(frozen=True)
+class RecodeConfig:
+    """``distill recode``: rewrite a cache in another codec mode, a coarser step, or fewer ids per position.
+
+    ``None`` keeps the source's setting: its codec mode (``lossless`` for a version 1
+    cache), its step, its ``k``. A step flag without ``--codec-mode`` asks for its mode
+    (``--logprob-step``: quantized, ``--sqrt-step``: sqrt). What depends on the source
+    (finer than it, more ids than it) is checked once its manifest is read (see
+    :mod:`pipeline.recode`).
+    """
+
+    cache: str
+    out: str
+    codec_mode: Literal["quantized", "lossless", "sqrt"] | None = None
+    logprob_step: float | None = None
+    sqrt_step: float | None = None
+    top_k: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.cache.strip():
+            raise ConfigError("--cache is empty; give the folder of the cache to recode")
+        if not self.out.strip():
+            raise ConfigError("--out is empty; give the folder to write the recoded cache to")
+        if self.codec_mode is not None:
+            problem = CodecSettings.for_mode(self.codec_mode).problem()
+            if problem:
+                raise ConfigError(problem)
+        if self.logprob_step is not None and self.sqrt_step is not None:
+            raise ConfigError("--logprob-step and --sqrt-step belong to different codec modes; give one of them")
+        for flag, step, mode in (
+            ("--logprob-step", self.logprob_step, "quantized"),
+            ("--sqrt-step", self.sqrt_step, "sqrt"),
+        ):
+            if step is None:
+                continue
+            if self.codec_mode not in (None, mode):
+                raise ConfigError(f"{flag} applies to --codec-mode {mode}, not {self.codec_mode}; drop one of them")
+            problem = CodecSettings.for_mode(mode, step).problem()
+            if problem:
+                raise ConfigError(problem)
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"--top-k {self.top_k} must be at least 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

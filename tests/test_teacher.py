@@ -13,8 +13,12 @@ import pipeline
 from pipeline.store.layout import MANIFEST_NAME
 
 
-def check_against_teacher(cache_path, teacher_dir, tolerance: float) -> None:
-    """Stored top-k ids are the teacher's most probable, log-probabilities within ``tolerance``, tail consistent."""
+def check_against_teacher(cache_path, teacher_dir, tolerance: float, sqrt_step: float | None = None) -> None:
+    """Stored top-k ids are the teacher's most probable, values within the codec's bound, tail consistent.
+
+    Log-probabilities must be within ``tolerance``; with ``sqrt_step``, square roots of
+    probabilities within ``sqrt_step / 2`` instead.
+    """
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     cache = pipeline.open_cache(cache_path)
     rows = [row for _, row in zip(range(3), cache)]
@@ -28,7 +32,11 @@ def check_against_teacher(cache_path, teacher_dir, tolerance: float) -> None:
         # Ties allowed: every stored id's probability is at least the k-th largest.
         kth = reference.topk(cache.manifest.k, dim=-1).values[:, -1:]
         assert torch.all(reference.gather(-1, ids) >= kth - 1e-5)
-        torch.testing.assert_close(stored, reference.gather(-1, ids), rtol=2**-10, atol=tolerance)
+        if sqrt_step is None:
+            torch.testing.assert_close(stored, reference.gather(-1, ids), rtol=2**-10, atol=tolerance)
+        else:
+            roots = (reference.gather(-1, ids) / 2).exp()
+            torch.testing.assert_close((stored / 2).exp(), roots, rtol=0, atol=sqrt_step / 2 + 1e-6)
         assert (stored[:, :-1] >= stored[:, 1:]).all()  # most probable first, as the reader promises
         # Tail = log of everything else, consistent with the stored top-k.
         mass = torch.logaddexp(torch.logsumexp(reference.gather(-1, ids), -1), torch.from_numpy(row.tail_logmass))
@@ -36,8 +44,15 @@ def check_against_teacher(cache_path, teacher_dir, tolerance: float) -> None:
 
 
 def test_stored_topk_matches_the_teacher_recomputed_here(train_cache, teacher_dir):
-    # The default codec quantises log-probabilities to 1/8 nat: each within 1/16 of the teacher's.
-    check_against_teacher(train_cache, teacher_dir, tolerance=0.0625 + 1e-6)
+    # The default codec quantises square roots of probabilities to 1/128: each within 1/256 of the teacher's.
+    check_against_teacher(train_cache, teacher_dir, tolerance=0.0, sqrt_step=1 / 128)
+
+
+def test_log_quantized_codec_keeps_log_probabilities_within_half_a_step(teacher_dir, corpus, tmp_path):
+    options = ("--seq-len", "16", "--top-k", "8", "--max-tokens", "64", "--codec-mode", "quantized")
+    out = make_cache(teacher_dir, corpus["heldout"], tmp_path / "quantized", *options, "--logprob-step", "0.25")
+    assert pipeline.open_cache(out).manifest.codec["logprob_step"] == 0.25
+    check_against_teacher(out, teacher_dir, tolerance=0.125 + 1e-6)
 
 
 def test_lossless_codec_keeps_log_probabilities_at_float16(teacher_dir, corpus, tmp_path):
@@ -54,8 +69,8 @@ def test_manifest_describes_the_cache(train_cache):
     assert manifest["codec"] == {
         "name": "sparse-zstd",
         "version": 2,
-        "mode": "quantized",
-        "logprob_step": 0.125,
+        "mode": "sqrt",
+        "sqrt_step": 1 / 128,
         "zstd_level": 3,
     }
     assert [column["name"] for column in manifest["columns"]] == [
