@@ -305,10 +305,12 @@ def _sorted_gaps(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 def _ungap(gaps: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """The inverse of :func:`_sorted_gaps` (runs strictly ascending by construction)."""
-    steps = np.where(starts, gaps, gaps + 1)
+    steps = gaps + 1
+    steps[starts] -= 1
     running = np.cumsum(steps)
-    run = np.cumsum(starts) - 1
-    return running - (running - steps)[starts][run]
+    # Each run's offset: the running total before its start, carried forward (running never decreases).
+    before = np.where(starts, running - steps, 0)
+    return running - np.maximum.accumulate(before)
 
 
 def _index_dtype(entries: int) -> str:
@@ -321,8 +323,7 @@ def _encode_ids(ids: np.ndarray, starts: np.ndarray, level: int) -> bytes:
     Frame content: ``<u4`` number of distinct ids ``m``; ``<u4 [m]`` their gaps, shuffled;
     ``[n]`` index gaps as ``<u2`` (``m <= 65536``) or ``<u4``, shuffled.
     """
-    distinct = np.unique(ids)
-    index = np.searchsorted(distinct, ids)
+    distinct, index = np.unique(ids, return_inverse=True)
     raw = (
         np.array([distinct.size], dtype="<u4").tobytes()
         + shuffle_bytes(_sorted_gaps(distinct, np.arange(distinct.size) == 0).astype("<u4"))
@@ -343,7 +344,7 @@ def _decode_ids(frame: bytes, starts: np.ndarray, logit_width: int) -> np.ndarra
         raise CacheError("the ids frame's size does not match its number of distinct ids")
     body = raw[4 : 4 + 4 * distinct_count]
     distinct_gaps = unshuffle_bytes(body, "<u4", distinct_count).astype(np.int64)
-    distinct = _ungap(distinct_gaps, np.arange(distinct_count) == 0)
+    distinct = np.cumsum(distinct_gaps + 1) - 1
     if distinct_count and int(distinct[-1]) >= logit_width:
         raise CacheError(f"a stored id is not below logit_width {logit_width}")
     index_gaps = unshuffle_bytes(raw[4 + 4 * distinct_count :], _index_dtype(distinct_count), n).astype(np.int64)
@@ -464,13 +465,15 @@ def decode_row(
             raise CacheError(f"a position's counts do not add up to the {spec.samples} samples drawn")
         counts = np.zeros((T, width), dtype=np.int32)
         counts[valid] = flat_counts
-    logprobs = tail = None
+    logprobs = tail = keys = None
     if spec.has_logprobs:
-        flat = _decode_logprobs(frames["logprobs"], lengths, settings)
+        flat, flat_keys = _decode_logprobs(frames["logprobs"], lengths, settings)
         tail = decode_array(frames["tail_logmass"], "<f4", T)
         _check_mass(flat, tail, lengths, mass_tolerance(spec, settings))
         logprobs = np.full((T, width), -np.inf, dtype=np.float32)
         logprobs[valid] = flat
+        keys = np.full((T, width), np.iinfo(flat_keys.dtype).max, dtype=flat_keys.dtype)  # padding sorts last
+        keys[valid] = flat_keys
     row = SparseRow(
         input_ids=input_ids,
         ids=padded_ids,
@@ -479,7 +482,7 @@ def decode_row(
         counts=counts,
         lengths=lengths.astype(np.int32) if spec.variable_length else None,
     )
-    return _most_probable_first(row, spec) if spec.strategy in ("topk", "topp", "hybrid") else row
+    return _most_probable_first(row, keys, spec) if spec.strategy in ("topk", "topp", "hybrid") else row
 
 
 def _length_bounds(spec: CaptureSpec, logit_width: int) -> tuple[int, int]:
@@ -497,19 +500,23 @@ def _check_disjoint(ids: np.ndarray, valid: np.ndarray) -> None:
         raise CacheError("an id is captured twice at one position (in the head and among the samples)")
 
 
-def _decode_logprobs(frame: bytes, lengths: np.ndarray, settings: CodecSettings) -> np.ndarray:
+def _decode_logprobs(frame: bytes, lengths: np.ndarray, settings: CodecSettings) -> tuple[np.ndarray, np.ndarray]:
+    """``(n,)`` float32 log-probabilities and ``(n,)`` unsigned keys ascending as they descend (exact order)."""
     n = int(lengths.sum())
     if settings.mode == "lossless":
-        values = decode_array(frame, "<f2", n).astype(np.float32)
+        halves = decode_array(frame, "<f2", n)
+        values = halves.astype(np.float32)
         if not np.isfinite(values).all() or (values > LOGPROB_SLACK).any():
             raise CacheError("a stored log-probability is not finite or is above 0")
-        return values
+        bits = halves.view(np.uint16)
+        ascending = np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.uint16)  # float16 bits in value order
+        return values, np.uint16(0xFFFF) - ascending
     if settings.mode == "sqrt":
         step = float(settings.sqrt_step)
-        levels = decode_array(frame, "<u2", n).astype(np.int64)
+        levels = decode_array(frame, "<u2", n)
         if n and int(levels.max()) > int(np.rint(1.0 / step)):
             raise CacheError("a stored probability level is above 1")
-        return sqrt_logprobs(levels, step)
+        return sqrt_logprobs(levels, step), np.uint16(0xFFFF) - levels
     T = lengths.shape[0]
     raw = _decompress_exact(frame, 4 * (T + n))
     reference = unshuffle_bytes(raw[: 4 * T], "<u4", T).astype(np.int64)
@@ -518,7 +525,7 @@ def _decode_logprobs(frame: bytes, lengths: np.ndarray, settings: CodecSettings)
     if (np.minimum.reduceat(excess, offsets) != 0).any():
         raise CacheError("a position's quantised log-probabilities are not stored relative to their smallest value")
     q = np.repeat(reference, lengths) + excess
-    return (-(q.astype(np.float64)) * float(settings.logprob_step)).astype(np.float32)
+    return (-(q.astype(np.float64)) * float(settings.logprob_step)).astype(np.float32), q
 
 
 def _decompress_exact(frame: bytes, expected: int) -> bytes:
@@ -558,14 +565,16 @@ def _check_mass(flat: np.ndarray, tail: np.ndarray, lengths: np.ndarray, toleran
         raise CacheError(f"captured and tail probability add up to exp({worst:+.3g}), not 1")
 
 
-def _most_probable_first(row: SparseRow, spec: CaptureSpec) -> SparseRow:
-    """Reorder top-k, top-p and hybrid-head slots most probable first (ties: ascending id)."""
+def _most_probable_first(row: SparseRow, keys: np.ndarray, spec: CaptureSpec) -> SparseRow:
+    """Reorder top-k, top-p and hybrid-head slots most probable first (ties: ascending id).
+
+    ``keys``: ``(T, W)`` sort keys of the stored values, ascending as probability descends.
+    """
     head = _head_size(spec) or row.width
-    logprobs = row.logprobs[:, :head]
-    order = np.argsort(-logprobs, axis=1, kind="stable")  # stored ascending by id, so ties stay by id
-    ids = row.ids.copy()
-    values = row.logprobs.copy()
-    ids[:, :head] = np.take_along_axis(row.ids[:, :head], order, axis=1)
-    values[:, :head] = np.take_along_axis(logprobs, order, axis=1)
-    counts = row.counts
-    return SparseRow(row.input_ids, ids, values, row.tail_logmass, counts, row.lengths)
+    # Stored ascending by id, so a stable sort keeps ties by id (16-bit keys sort in linear time).
+    order = np.argsort(keys[:, :head], axis=1, kind="stable")
+    flat = (order + (np.arange(order.shape[0]) * row.width)[:, None]).ravel()
+    ids, values = row.ids.copy(), row.logprobs.copy()
+    ids[:, :head] = row.ids.ravel()[flat].reshape(order.shape)
+    values[:, :head] = row.logprobs.ravel()[flat].reshape(order.shape)
+    return SparseRow(row.input_ids, ids, values, row.tail_logmass, row.counts, row.lengths)
