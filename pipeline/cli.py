@@ -259,19 +259,32 @@ def inspect_cache(cache: str, as_json: bool) -> None:
         "path",
         "teacher",
         "dataset",
+        "format_version",
         "tokens",
         "sequences",
         "seq_len",
         "shards",
-        "k",
+        "capture",
+        "codec",
         "logit_width",
         "bytes",
         "bytes_per_token",
+        "column_bytes_per_token",
+        "mean_ids_per_position",
         "mean_captured_mass",
     ):
-        value = report[key]
-        text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
-        click.echo(f"{key:>20}: {text}")
+        click.echo(f"{key:>22}: {_shown(report[key])}")
+
+
+def _shown(value: Any) -> str:
+    """A report value as one line of text."""
+    if isinstance(value, dict):
+        return ", ".join(f"{name}={_shown(item)}" for name, item in value.items())
+    if isinstance(value, float):
+        return f"{value:,.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
 
 
 @main.command("verify")

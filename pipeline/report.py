@@ -10,31 +10,58 @@ import numpy as np
 from pipeline.cache import open_cache
 from pipeline.errors import CacheError
 from pipeline.fingerprint import TokenStreamHasher
-from pipeline.store.reader import check_shard, iter_shard_rows, read_manifest, tokenizer_file_problems
+from pipeline.store.reader import (
+    check_shard,
+    decode_checked_row,
+    iter_shard_frames,
+    iter_shard_rows,
+    read_manifest,
+    tokenizer_file_problems,
+)
 
 
 def cache_report(path: str | Path) -> dict[str, Any]:
-    """Totals and settings from the manifest, plus the mean captured mass over every position."""
+    """Totals and settings from the manifest, plus what every row holds.
+
+    Reads every row: the mean number of ids per position (distinct ids for sampled
+    captures), the mean captured probability mass where rows carry log-probabilities
+    (``None`` otherwise), and each column's bytes per token (its cells, without Arrow's
+    own overhead, which is ``bytes`` minus their sum).
+    """
     cache = open_cache(path)
     manifest = cache.manifest
-    captured_sum, positions = 0.0, 0
-    for row in cache:
-        captured_sum += float(np.exp(row.logprobs.astype(np.float64)).sum())
-        positions += row.logprobs.shape[0]
+    captured_sum, ids_sum, positions = 0.0, 0, 0
+    column_bytes: dict[str, int] = {}
+    for entry in manifest.shards:
+        for _, cells in iter_shard_frames(cache.path, entry, manifest):
+            for name, cell in cells.items():
+                column_bytes[name] = column_bytes.get(name, 0) + (len(cell) if isinstance(cell, bytes) else 8)
+            row = decode_checked_row(cells, manifest, entry.name)
+            valid = row.valid()
+            ids_sum += int(valid.sum())
+            positions += valid.shape[0]
+            if row.logprobs is not None:
+                captured_sum += float(np.exp(row.logprobs[valid].astype(np.float64)).sum())
     raw = manifest.raw
+    tokens = max(manifest.tokens, 1)
     return {
         "path": str(path),
         "teacher": raw.get("teacher", {}).get("source"),
         "dataset": raw.get("dataset", {}).get("source"),
+        "format_version": raw.get("format_version", 1),
         "tokens": manifest.tokens,
         "sequences": manifest.sequences,
         "seq_len": manifest.seq_len,
         "shards": len(manifest.shards),
+        "capture": manifest.capture.to_json(),
+        "codec": raw.get("codec"),
         "k": manifest.k,
         "logit_width": manifest.logit_width,
         "bytes": manifest.bytes,
-        "bytes_per_token": manifest.bytes / manifest.tokens,
-        "mean_captured_mass": captured_sum / max(positions, 1),
+        "bytes_per_token": manifest.bytes / tokens,
+        "column_bytes_per_token": {name: size / tokens for name, size in column_bytes.items()},
+        "mean_ids_per_position": ids_sum / max(positions, 1),
+        "mean_captured_mass": captured_sum / max(positions, 1) if manifest.capture.has_logprobs else None,
     }
 
 

@@ -24,11 +24,17 @@ def test_inspect_json_reports_totals(train_cache):
     # The captured mass agrees with the stored tails.
     tails = np.concatenate([row.tail_logmass for row in pipeline.open_cache(train_cache)])
     assert abs(report["mean_captured_mass"] - (1 - np.exp(tails).mean())) < 2e-3
+    assert report["format_version"] == 2 and report["codec"]["mode"] == "sqrt"
+    assert report["mean_ids_per_position"] == 16
+    columns = report["column_bytes_per_token"]
+    assert set(columns) == {"input_ids", "ids", "logprobs", "tail_logmass", "source_record", "record_offset"}
+    assert 0 < sum(columns.values()) < report["bytes_per_token"]  # Arrow's own bytes are the rest
 
 
 def test_inspect_text(train_cache):
     result = run_cli("inspect", str(train_cache))
     assert result.exit_code == 0 and "bytes_per_token" in result.output
+    assert "strategy=topk, k=16" in result.output and "mode=sqrt" in result.output
 
 
 def test_verify_passes_on_a_good_cache(train_cache):
