@@ -3,7 +3,26 @@
 #
 # Every pass takes its settings from variables, e.g.
 #   make teacher-cache TEACHER=org/model DATASET=data/my.jsonl CACHE=caches/run1 TOPK=64
+#   make teacher-cache CACHE=caches/run2 CAPTURE=sample SAMPLES=64 SAMPLE_LOGPROBS=1 CAPTURE_SEED=7
 #   make student-train CACHE=caches/run1 STUDENT=data/student-gemma3-tiny OUT=students/s1
+#
+# What the teacher pass captures. Each flag goes to both teacher-cache runs only when its
+# variable is set; unset, the CLI's default (in brackets) applies. See
+# `distill teacher-cache --help` and docs/losses.md.
+#   CAPTURE=topk|topp|sample|hybrid  --capture [topk]
+#   TOPK=N                           --top-k: topk's ids [64], hybrid's head [16]; passed for
+#                                    topk and hybrid only (topp and sample refuse it; topp: MAX_K)
+#   TOP_P=P MIN_K=N MAX_K=N          --top-p [0.99] --min-k [1] --max-k [64] (topp)
+#   SAMPLES=N                        --samples [50] (sample, hybrid): draws per position
+#   SAMPLE_TEMPERATURE=T             --sample-temperature [1.0] (sample, hybrid)
+#   SAMPLE_LOGPROBS=1                --sample-logprobs (sample): also store the drawn ids'
+#                                    log-probabilities, for a student --temperature other than T
+#   CAPTURE_SEED=N                   --seed [0] (sample, hybrid): seed of the draws (SEED is the student's)
+#   CODEC_MODE=MODE                  --codec-mode: how log-probabilities are stored (lossless,
+#                                    quantized or sqrt) [sqrt for topk, topp; quantized for
+#                                    sample, hybrid]; with only a step set, that step's mode
+#   LOGPROB_STEP=S                   --logprob-step [0.125] (quantized)
+#   SQRT_STEP=S                      --sqrt-step [1/128] (sqrt)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +39,20 @@ DATASET ?= $(DEFAULT_CORPUS)/train.jsonl
 EVAL_DATASET ?= $(if $(filter $(DEFAULT_CORPUS)/train.jsonl,$(DATASET)),$(DEFAULT_CORPUS)/heldout.jsonl,)
 CACHE ?= caches/demo
 EVAL_CACHE ?= $(CACHE)-heldout
-TOPK ?= 64
+CAPTURE ?= topk
+# Empty for hybrid, so its own default head (16) applies.
+TOPK ?= $(if $(filter topk,$(CAPTURE)),64,)
+TOP_P ?=
+MIN_K ?=
+MAX_K ?=
+SAMPLES ?=
+SAMPLE_TEMPERATURE ?=
+SAMPLE_LOGPROBS ?=
+CAPTURE_SEED ?=
+LOGPROB_STEP ?=
+SQRT_STEP ?=
+# A step flag is refused with another codec mode, so a step given alone picks its own.
+CODEC_MODE ?= $(if $(LOGPROB_STEP),quantized,$(if $(SQRT_STEP),sqrt,))
 SEQ_LEN ?= 256
 # The demo budget applies to the embedded corpus only; your own DATASET is used whole unless you set it.
 MAX_TOKENS ?= $(if $(filter $(DEFAULT_CORPUS)/train.jsonl,$(DATASET)),24576,)
@@ -42,6 +74,15 @@ overwrite_flag = $(if $(OVERWRITE),--overwrite,)
 teacher_deps = $(if $(filter $(DEFAULT_TEACHER),$(TEACHER)),$(DEFAULT_TEACHER)/embedded.json,)
 dataset_deps = $(if $(findstring $(DEFAULT_CORPUS),$(DATASET)),$(DEFAULT_CORPUS)/train.jsonl,)
 eval_cache_flag = $(if $(wildcard $(EVAL_CACHE)/manifest.json),--eval-cache $(EVAL_CACHE),)
+# --top-k only for the strategies that take it: topp and sample refuse it.
+capture_flags = $(strip --capture $(CAPTURE) \
+	$(if $(and $(TOPK),$(filter topk hybrid,$(CAPTURE))),--top-k $(TOPK),) \
+	$(if $(TOP_P),--top-p $(TOP_P),) $(if $(MIN_K),--min-k $(MIN_K),) $(if $(MAX_K),--max-k $(MAX_K),) \
+	$(if $(SAMPLES),--samples $(SAMPLES),) \
+	$(if $(SAMPLE_TEMPERATURE),--sample-temperature $(SAMPLE_TEMPERATURE),) \
+	$(if $(filter-out 0,$(SAMPLE_LOGPROBS)),--sample-logprobs,) $(if $(CAPTURE_SEED),--seed $(CAPTURE_SEED),) \
+	$(if $(CODEC_MODE),--codec-mode $(CODEC_MODE),) $(if $(LOGPROB_STEP),--logprob-step $(LOGPROB_STEP),) \
+	$(if $(SQRT_STEP),--sqrt-step $(SQRT_STEP),))
 
 .PHONY: setup demo teacher-cache student-train test test-all lint format bench clean
 
@@ -64,10 +105,10 @@ $(DEFAULT_CORPUS)/train.jsonl: | $(VENV)/.installed
 
 teacher-cache: $(VENV)/.installed $(teacher_deps) $(dataset_deps)
 	$(DISTILL) teacher-cache --teacher $(TEACHER) --dataset $(DATASET) --out $(CACHE) \
-		--top-k $(TOPK) --seq-len $(SEQ_LEN) --batch-size $(TEACHER_BATCH) \
+		$(capture_flags) --seq-len $(SEQ_LEN) --batch-size $(TEACHER_BATCH) \
 		$(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS),) $(overwrite_flag) $(TEACHER_ARGS)
 	$(if $(EVAL_DATASET),$(DISTILL) teacher-cache --teacher $(TEACHER) --dataset $(EVAL_DATASET) \
-		--out $(EVAL_CACHE) --top-k $(TOPK) --seq-len $(SEQ_LEN) --batch-size $(TEACHER_BATCH) \
+		--out $(EVAL_CACHE) $(capture_flags) --seq-len $(SEQ_LEN) --batch-size $(TEACHER_BATCH) \
 		--max-tokens $(EVAL_MAX_TOKENS) $(overwrite_flag) $(TEACHER_ARGS),)
 
 student-train: $(VENV)/.installed

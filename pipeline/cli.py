@@ -103,10 +103,10 @@ def main(verbose: bool, quiet: bool) -> None:
 @click.option(
     "--codec-mode",
     type=click.Choice(list(codec_v2.MODES)),
-    default=codec_v2.DEFAULT_MODE,
-    show_default=True,
+    default=None,
     help="How log-probabilities are stored: lossless (float16); quantized (within --logprob-step / 2 nats); "
-    "sqrt (square root of probability within --sqrt-step / 2: the smallest for a given KL).",
+    "sqrt (square root of probability within --sqrt-step / 2: the fewest bytes for a KL bound) "
+    "[sqrt for topk and topp, quantized for sample and hybrid].",
 )
 @click.option(
     "--logprob-step",

@@ -55,12 +55,12 @@ from pipeline.rows import SparseRow
 CODEC_NAME = "sparse-zstd"
 CODEC_VERSION = 2
 MODES = ("lossless", "quantized", "sqrt")
-DEFAULT_MODE = "sqrt"
+DEFAULT_MODE = "sqrt"  # for top-k and top-p; see default_mode
 DEFAULT_LOGPROB_STEP = 0.125
 MIN_LOGPROB_STEP = 2.0**-12
 MAX_LOGPROB_STEP = 1.0
 DEFAULT_SQRT_STEP = 1.0 / 128
-MIN_SQRT_STEP = 2.0**-16
+MIN_SQRT_STEP = 2.0**-15  # levels up to 1 / step must fit in 16 bits
 MAX_SQRT_STEP = 0.25
 ZSTD_LEVEL = 3
 MAX_Q = 2**32 - 1
@@ -117,7 +117,7 @@ class CodecSettings:
         if self.mode == "sqrt":
             step = self.sqrt_step
             if step is None or not (MIN_SQRT_STEP <= step <= MAX_SQRT_STEP):
-                return f"--sqrt-step {step} must be between 2^-16 and 1/4"
+                return f"--sqrt-step {step} must be between 2^-15 and 1/4"
         if not 1 <= self.level <= 22:
             return f"--zstd-level {self.level} must be between 1 and 22"
         return None
@@ -150,6 +150,15 @@ class CodecSettings:
     def label(self) -> str:
         """``name/version``, as each shard's schema metadata records it."""
         return f"{CODEC_NAME}/{CODEC_VERSION}"
+
+
+def default_mode(spec: CaptureSpec) -> str:
+    """``sqrt`` where log-probabilities are the target (top-k, top-p): the fewest bytes for a KL bound.
+
+    Sampled and hybrid captures use their log-probabilities as importance weights and the
+    rest mass, where relative error matters even for rare ids: ``quantized`` bounds it.
+    """
+    return DEFAULT_MODE if spec.strategy in ("topk", "topp") else "quantized"
 
 
 def columns(spec: CaptureSpec, settings: CodecSettings, provenance: bool = True) -> list[dict[str, Any]]:
@@ -191,7 +200,7 @@ def codec_problem(codec_info: dict[str, Any], registry: list[dict[str, Any]], sp
         return f"codec.mode {str(mode)[:40]!r} is not one of {', '.join(MODES)}; upgrade the package"
     bounds = {
         "quantized": ("logprob_step", MIN_LOGPROB_STEP, MAX_LOGPROB_STEP, "[2^-12, 1]"),
-        "sqrt": ("sqrt_step", MIN_SQRT_STEP, MAX_SQRT_STEP, "[2^-16, 1/4]"),
+        "sqrt": ("sqrt_step", MIN_SQRT_STEP, MAX_SQRT_STEP, "[2^-15, 1/4]"),
     }
     step = None
     if mode in bounds:
@@ -351,6 +360,8 @@ def _decode_ids(frame: bytes, starts: np.ndarray, logit_width: int) -> np.ndarra
     index = _ungap(index_gaps, starts)
     if n and int(index.max()) >= distinct_count:
         raise CacheError("an id's index is beyond the row's distinct ids")
+    if n and not np.bincount(index, minlength=distinct_count).all():
+        raise CacheError("the ids frame lists distinct ids that no entry uses")
     return distinct[index]
 
 
@@ -474,6 +485,10 @@ def decode_row(
         logprobs[valid] = flat
         keys = np.full((T, width), np.iinfo(flat_keys.dtype).max, dtype=flat_keys.dtype)  # padding sorts last
         keys[valid] = flat_keys
+        if head:
+            _check_head_is_top(keys, valid, head)
+        if spec.strategy == "topp":
+            _check_top_p_prefix(flat, lengths, spec, mass_tolerance(spec, settings))
     row = SparseRow(
         input_ids=input_ids,
         ids=padded_ids,
@@ -552,6 +567,26 @@ def mass_tolerance(spec: CaptureSpec, settings: CodecSettings) -> float:
     return float(settings.logprob_step) / 2 + 1e-4
 
 
+def _check_head_is_top(keys: np.ndarray, valid: np.ndarray, head: int) -> None:
+    """A hybrid head holds the most probable ids: none of its values below a sampled one (ties allowed)."""
+    sampled = np.where(valid[:, head:], keys[:, head:], np.iinfo(keys.dtype).max)
+    if (keys[:, :head].max(axis=1) > sampled.min(axis=1)).any():
+        raise CacheError("a sampled id is more probable than a hybrid head id; the head must be the top-k")
+
+
+def _check_top_p_prefix(flat: np.ndarray, lengths: np.ndarray, spec: CaptureSpec, tolerance: float) -> None:
+    """Top-p positions are the smallest prefix reaching ``top_p`` (within the codec's error), unless clamped."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    probs = np.exp(flat.astype(np.float64))
+    mass = np.add.reduceat(probs, offsets)
+    without_last = mass - np.minimum.reduceat(probs, offsets)
+    top_p, slack = float(spec.top_p), math.exp(tolerance)
+    short = (lengths < int(spec.max_k)) & (mass * slack < top_p)
+    padded = (lengths > int(spec.min_k)) & (without_last > top_p * slack)
+    if short.any() or padded.any():
+        raise CacheError(f"a top-p position is not the smallest set of ids reaching probability {top_p:g}")
+
+
 def _check_mass(flat: np.ndarray, tail: np.ndarray, lengths: np.ndarray, tolerance: float) -> None:
     if np.isnan(tail).any() or (tail > LOGPROB_SLACK).any():
         raise CacheError("a tail log-mass is NaN or above 0")
@@ -560,8 +595,8 @@ def _check_mass(flat: np.ndarray, tail: np.ndarray, lengths: np.ndarray, toleran
     peak = np.maximum.reduceat(values, offsets)
     captured = peak + np.log(np.add.reduceat(np.exp(values - np.repeat(peak, lengths)), offsets))
     total = np.logaddexp(captured, tail.astype(np.float64))
-    worst = float(np.abs(total).max()) if total.size else 0.0
-    if worst > tolerance:
+    worst = float(total[np.argmax(np.abs(total))]) if total.size else 0.0
+    if abs(worst) > tolerance:
         raise CacheError(f"captured and tail probability add up to exp({worst:+.3g}), not 1")
 
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pipeline.capture_spec import STRATEGIES, CaptureSpec
-from pipeline.codec_v2 import DEFAULT_MODE, CodecSettings
+from pipeline.codec_v2 import CodecSettings, default_mode
 from pipeline.errors import ConfigError
 
 DEFAULT_TOP_K = 64
@@ -43,7 +43,7 @@ class TeacherCacheConfig:
     sample_temperature: float = 1.0
     sample_logprobs: bool = False
     seed: int = 0
-    codec_mode: Literal["quantized", "lossless", "sqrt"] = DEFAULT_MODE
+    codec_mode: Literal["quantized", "lossless", "sqrt"] | None = None
     logprob_step: float | None = None
     sqrt_step: float | None = None
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
@@ -63,12 +63,13 @@ class TeacherCacheConfig:
         problem = self.capture_spec().problem()
         if problem:
             raise ConfigError(problem)
-        for flag, value, mode in (
+        mode = self.codec_settings().mode
+        for flag, value, wanted in (
             ("--logprob-step", self.logprob_step, "quantized"),
             ("--sqrt-step", self.sqrt_step, "sqrt"),
         ):
-            if value is not None and self.codec_mode != mode:
-                raise ConfigError(f"{flag} applies to --codec-mode {mode}, not {self.codec_mode}; drop one of them")
+            if value is not None and mode != wanted:
+                raise ConfigError(f"{flag} applies to --codec-mode {wanted}, not {mode}; drop one of them")
         problem = self.codec_settings().problem()
         if problem:
             raise ConfigError(problem)
@@ -88,10 +89,9 @@ class TeacherCacheConfig:
             )
 
     def codec_settings(self) -> CodecSettings:
-        """How the cache encodes values (``--codec-mode``, ``--logprob-step``, ``--sqrt-step``)."""
-        return CodecSettings.for_mode(
-            self.codec_mode, self.sqrt_step if self.codec_mode == "sqrt" else self.logprob_step
-        )
+        """How the cache encodes values: ``--codec-mode`` (else the capture's default) and its step flag."""
+        mode = self.codec_mode or default_mode(self.capture_spec())
+        return CodecSettings.for_mode(mode, self.sqrt_step if mode == "sqrt" else self.logprob_step)
 
     def capture_spec(self) -> CaptureSpec:
         """The capture these settings ask for (checked against the teacher's width once it is known)."""

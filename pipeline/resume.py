@@ -115,7 +115,7 @@ def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPla
     if lasting and not (out / MANIFEST_NAME).exists() and not (out / layout.JOURNAL_NAME).exists():
         raise OutputExistsError(
             f"--out '{out}' holds {', '.join(lasting[:3])} but no {MANIFEST_NAME} or {layout.JOURNAL_NAME}, "
-            "so no teacher pass left them; move them away or choose another folder"
+            "so no pass of this tool left them; move them away or choose another folder"
         )
     if overwrite:
         for path in entries:

@@ -354,5 +354,5 @@ def test_cache_named_files_no_pass_left_are_not_deleted_even_with_overwrite(args
     (out / "tokenizer" / "vocab.json").write_text("{}")
     (out / RUN_LOG_NAME).write_text("{}")
     for extra in ((), ("--overwrite",)):
-        assert "no teacher pass left them" in bad(*args(out), *extra)
+        assert "no pass of this tool left them" in bad(*args(out), *extra)
     assert (out / "tokenizer" / "vocab.json").read_text() == "{}" and (out / RUN_LOG_NAME).exists()

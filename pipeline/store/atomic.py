@@ -27,6 +27,12 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's bytes durable (before a manifest that lists it is written)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
     with contextlib.suppress(OSError):

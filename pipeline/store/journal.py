@@ -109,7 +109,7 @@ class CacheLock:
         except BlockingIOError:
             holder = os.pread(fd, MAX_LOCK_BYTES, 0).decode("utf-8", "replace").strip() or "unknown"
             raise CacheLockedError(
-                f"another teacher pass ({holder[:80]}) is writing to '{self.path.parent}'; wait for it to finish, "
+                f"another pass ({holder[:80]}) is writing to '{self.path.parent}'; wait for it to finish, "
                 f"or, if that process is gone, delete '{self.path}' and retry"
             ) from None
         except OSError as exc:

@@ -41,8 +41,8 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
     if path.is_symlink() or not path.is_file():
         if (cache_dir / JOURNAL_NAME).exists() or any(cache_dir.glob("shard-*.arrow")):
             raise CacheError(
-                f"'{cache_dir}' has shards but no {MANIFEST_NAME}: the teacher pass did not finish; "
-                "run the same teacher-cache command again to complete it"
+                f"'{cache_dir}' has shards but no {MANIFEST_NAME}: the pass writing it (teacher-cache or "
+                "recode) did not finish; run the same command again to complete it"
             )
         raise CacheError(f"'{cache_dir}' is not a cache (no {MANIFEST_NAME}); run distill teacher-cache first")
     with open(path, "rb") as handle:
