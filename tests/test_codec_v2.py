@@ -67,7 +67,9 @@ def test_round_trip_keeps_ids_counts_and_tail_and_values_within_the_modes_bound(
         decoded_sets = [sorted(ids[keep]) for ids, keep in zip(decoded.ids, decoded.valid(), strict=True)]
         assert original_sets == decoded_sets
         if spec.has_counts:
-            by_id = [dict(zip(i[k], c[k], strict=True)) for i, c, k in zip(row.ids, row.counts, row.valid(), strict=True)]
+            by_id = [
+                dict(zip(i[k], c[k], strict=True)) for i, c, k in zip(row.ids, row.counts, row.valid(), strict=True)
+            ]
             got = [
                 dict(zip(i[k], c[k], strict=True))
                 for i, c, k in zip(decoded.ids, decoded.counts, decoded.valid(), strict=True)
