@@ -17,7 +17,7 @@ def named_tests(text: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("doc", ["docs/RELIABILITY.md", "docs/FORMAT.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/RELIABILITY.md", "docs/FORMAT.md", "docs/losses.md", "README.md"])
 def test_every_test_a_doc_names_exists(doc):
     missing = [
         f"{file}::{name}"
