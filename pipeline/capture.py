@@ -34,8 +34,9 @@ A uniform ``u`` becomes an id by inversion of the cumulative distribution, in fl
    largest ``l_i`` over eligible ids, ``T`` the sample temperature, and
    ``w_i = exp((l_i - m) / T)`` for eligible ids, ``w_i = 0`` for the others.
 2. ``C_i = w_0 + ... + w_i`` is the running sum in id order.
-3. The draw is the smallest ``i`` with ``C_i > u * C_{V-1}``; when rounding leaves no such
-   ``i``, it is the last id with ``w_i > 0``. An id with ``w_i = 0`` is never drawn.
+3. The draw is the smallest ``i`` with ``C_i > u * C_{V-1}``, and at most the smallest ``i``
+   with ``C_i >= C_{V-1}`` (which rounding may otherwise overshoot). Either way ``C`` grows
+   at the draw, so an id with ``w_i = 0`` is never drawn.
 
 This is a draw from ``softmax(l / T)`` restricted to the eligible ids and renormalised
 there. The uniforms are bit-exact on any device; the ids are too, unless ``u * C_{V-1}``
@@ -287,7 +288,7 @@ def _tempered_weights(logits: torch.Tensor, temperature: float, exclude: torch.T
 
 
 def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """``(n, S)`` int64 ids: the smallest ``i`` with ``C_i > u * C_{V-1}``, else the last id of nonzero weight.
+    """``(n, S)`` int64 ids: the smallest ``i`` with ``C_i > u * C_{V-1}``, at most the first ``C_i >= C_{V-1}``.
 
     Args:
         weights: ``(n, V)`` float64, non-negative, some positive per row; overwritten with ``C``.
@@ -296,7 +297,7 @@ def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cumulative = weights.cumsum_(dim=-1)
     total = cumulative[:, -1:].contiguous()
     draws = torch.searchsorted(cumulative, uniforms * total, right=True)
-    # The first i with C_i >= C_{V-1} is the last id of nonzero weight: later weights add nothing.
+    # The first i with C_i >= C_{V-1}: C grows there, so its weight is positive; later ids add nothing to C.
     last_positive = torch.searchsorted(cumulative, total, right=False)
     return torch.minimum(draws, last_positive)
 

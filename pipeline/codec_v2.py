@@ -3,37 +3,41 @@
 Every capture strategy (top-k, top-p, sampled, hybrid) is stored with the same few
 transforms, each chosen because it measured smaller on real teacher output:
 
-- **ids sorted and delta-coded.** A position's ids are stored in ascending order, the
-  first as itself and each next one as its gap to the previous minus one. Hybrid rows sort
-  the head and the sampled ids as two groups, each restarting the deltas. The decoder
-  restores the order :class:`~pipeline.rows.SparseRow` promises (most probable first, ties
-  by ascending id, for top-k, top-p and the hybrid head) from the log-probabilities.
+- **ids through a row dictionary.** The row's distinct ids are stored once, ascending, as
+  gaps; each position's ids are stored as their indices in that list, in ascending order,
+  the first as itself and each next one as its gap to the previous minus one (a top-64
+  position picks 64 of a few thousand ids, not of the whole vocabulary). Hybrid rows
+  sort the head and the sampled ids as two groups, each restarting the gaps. The decoder
+  restores the order :class:`~pipeline.rows.SparseRow` promises (most probable first,
+  ties by ascending id, for top-k, top-p and the hybrid head) from the stored values.
 - **variable-length positions** carry their number of ids in a ``lengths`` column; the
   entries of all positions are concatenated with no padding.
-- **log-probabilities**, in the ids' stored order, either exactly at float16
-  (``lossless``) or quantised (``quantized``): ``Q = round(-logprob / step)`` as an
-  unsigned integer, stored as each position's smallest ``Q`` (its most probable entry) and
-  every entry's excess over it. Each log-probability is then within ``step / 2`` of the
-  teacher's; a uniform error of that size costs about ``step^2 / 24`` nats of KL.
+- **log-probabilities**, in the ids' stored order, in one of three modes:
+  ``lossless`` (float16); ``quantized``: ``Q = round(-logprob / step)`` stored as each
+  position's smallest ``Q`` and every entry's excess over it, each log-probability within
+  ``step / 2`` (about ``step^2 / 24`` nats of KL); ``sqrt``: ``round(sqrt(p) / step)``,
+  each square root within ``step / 2``, which spends the error where KL does not see it
+  (about ``K step^2 / 6`` nats at most; the fewest bytes for a KL bound).
 - **counts** of sampled ids as ``count - 1`` (every stored sampled id was drawn at least once).
 - every array is little-endian, *byte-shuffled* (byte plane 0 of all elements, then plane
   1, ...) and compressed as one zstandard frame per row and column, as in version 1.
 
 Columns (the manifest's registry lists exactly those a capture needs, in this order):
 
-=================  ==========================  =====================================================
-column             stored (before shuffling)   present for
-=================  ==========================  =====================================================
-``input_ids``      ``<u4 [T]``                 every capture
-``lengths``        ``<u4 [T]``                 ``topp``, ``sample``, ``hybrid``
-``ids``            ``<u4 [n]`` gaps            every capture (``n`` = sum of lengths, or ``T * k``)
-``counts``         ``<u4 [m]`` count - 1       ``sample`` (m = n), ``hybrid`` (the sampled entries)
-``logprobs``       ``<f2 [n]`` or              every capture with log-probabilities
-                   ``<u4 [T]`` + ``<u4 [n]``
-``tail_logmass``   ``<f4 [T]``                 every capture with log-probabilities
-``source_record``  Arrow int64 (no frame)      optional provenance
-``record_offset``  Arrow int64 (no frame)      optional provenance
-=================  ==========================  =====================================================
+=================  ==============================  =================================================
+column             stored (before shuffling)       present for
+=================  ==============================  =================================================
+``input_ids``      ``<u4 [T]``                     every capture
+``lengths``        ``<u4 [T]``                     ``topp``, ``sample``, ``hybrid``
+``ids``            ``<u4`` D, ``<u4 [D]`` gaps,    every capture (``n`` = sum of lengths, or ``T * k``)
+                   ``<u2|<u4 [n]`` index gaps
+``counts``         ``<u4 [m]`` count - 1           ``sample`` (m = n), ``hybrid`` (the sampled entries)
+``logprobs``       ``<f2 [n]``, or ``<u4 [T]`` +   every capture with log-probabilities
+                   ``<u4 [n]``, or ``<u2 [n]``
+``tail_logmass``   ``<f4 [T]``                     every capture with log-probabilities
+``source_record``  Arrow int64 (no frame)          optional provenance
+``record_offset``  Arrow int64 (no frame)          optional provenance
+=================  ==============================  =================================================
 
 ``docs/FORMAT.md`` specifies the same for readers with numpy and zstandard alone.
 """

@@ -60,4 +60,4 @@ def schema_v2(columns: tuple[Column, ...] | list[Column], codec_label: str) -> p
     """A version 2 shard's schema: ``seq_index``, then the registry's columns in order, none nullable."""
     fields = [pa.field("seq_index", pa.int64(), nullable=False)]
     fields += [pa.field(column.name, column_type(column), nullable=False) for column in columns]
-    return pa.schema(fields, metadata=schema_metadata(FORMAT_VERSION, codec_label))
+    return pa.schema(fields, metadata=schema_metadata(2, codec_label))
