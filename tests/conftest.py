@@ -16,6 +16,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Golden bytes depend on the compressor: name the libzstd the run used."""
+    import zstandard
+
+    return f"libzstd {'.'.join(map(str, zstandard.ZSTD_VERSION))} (python-zstandard {zstandard.__version__})"
+
+
 WORDS = [
     "the",
     "a",
