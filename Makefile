@@ -84,7 +84,7 @@ capture_flags = $(strip --capture $(CAPTURE) \
 	$(if $(CODEC_MODE),--codec-mode $(CODEC_MODE),) $(if $(LOGPROB_STEP),--logprob-step $(LOGPROB_STEP),) \
 	$(if $(SQRT_STEP),--sqrt-step $(SQRT_STEP),))
 
-.PHONY: setup demo teacher-cache student-train test test-all lint format bench clean
+.PHONY: setup demo teacher-cache student-train test test-all lint format bench bench-codec bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -143,6 +143,14 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_cache.py
+
+# Bytes, reconstruction error and codec speed for every capture (docs/benchmarks.md).
+bench-codec: $(VENV)/.installed
+	$(PY) bench/codec.py
+
+# Student quality from every capture against CE and online distillation (docs/quality.md).
+bench-quality: $(VENV)/.installed
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf caches students $(DEFAULT_CORPUS) .pytest_cache .ruff_cache

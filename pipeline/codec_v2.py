@@ -92,9 +92,9 @@ class CodecSettings:
     """
 
     mode: str = DEFAULT_MODE
-    logprob_step: float | None = DEFAULT_LOGPROB_STEP
+    logprob_step: float | None = None
     level: int = ZSTD_LEVEL
-    sqrt_step: float | None = None
+    sqrt_step: float | None = DEFAULT_SQRT_STEP
 
     @classmethod
     def for_mode(cls, mode: str, step: float | None = None, level: int = ZSTD_LEVEL) -> CodecSettings:

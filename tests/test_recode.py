@@ -130,7 +130,7 @@ def test_sqrt_values_snap_back_onto_their_grid():
 def test_quantized_values_snap_back_onto_their_grid():
     step = 0.1  # not a power of two: float32 decoding leaves each value off its multiple
     decoded = (-np.arange(0, 5000, 7, dtype=np.float64) * step).astype(np.float32)[None, :]
-    snapped = on_source_grid(decoded, CodecSettings("quantized", step))
+    snapped = on_source_grid(decoded, CodecSettings.for_mode("quantized", step))
     assert np.array_equal(np.rint(-snapped / step), np.arange(0, 5000, 7)[None, :])
 
 
@@ -139,10 +139,10 @@ def test_an_even_multiple_of_the_step_would_break_the_readers_mass_check_and_an_
     spec = CaptureSpec("topk", k=2)
     logprobs = np.log(np.array([[0.84, 0.06], [0.84, 0.06]], dtype=np.float32))
     row = SparseRow(np.array([1, 2]), np.array([[5, 9], [5, 9]]), logprobs, np.log(np.full(2, 0.1, np.float32)))
-    source = CodecSettings("quantized", 0.125)
+    source = CodecSettings.for_mode("quantized", 0.125)
     decoded = codec_v2.decode_row(codec_v2.encode_row(row, spec, source), 2, spec, source, 16)
     on_grid = dataclasses.replace(decoded, logprobs=on_source_grid(decoded.logprobs, source))
-    even, odd = CodecSettings("quantized", 0.25), CodecSettings("quantized", 0.375)
+    even, odd = CodecSettings.for_mode("quantized", 0.25), CodecSettings.for_mode("quantized", 0.375)
     with pytest.raises(CacheError, match="add up to"):
         codec_v2.decode_row(codec_v2.encode_row(on_grid, spec, even), 2, spec, even, 16)
     recoded = codec_v2.decode_row(codec_v2.encode_row(on_grid, spec, odd), 2, spec, odd, 16)
@@ -154,12 +154,12 @@ def test_an_even_multiple_of_the_step_would_break_the_readers_mass_check_and_an_
 @pytest.mark.parametrize(
     ("source", "asked", "expected"),
     [
-        (CodecSettings("lossless", None), RecodeConfig("a", "b", logprob_step=0.01), ("quantized", 0.01)),
-        (CodecSettings("quantized", 0.125), RecodeConfig("a", "b"), ("quantized", 0.125)),
-        (CodecSettings("quantized", 0.1), RecodeConfig("a", "b", logprob_step=0.3), ("quantized", 0.3)),
-        (CodecSettings("quantized", 0.125), RecodeConfig("a", "b", logprob_step=0.625), ("quantized", 0.625)),
-        (CodecSettings("lossless", None), RecodeConfig("a", "b", codec_mode="quantized"), ("quantized", 0.125)),
-        (CodecSettings("lossless", None), RecodeConfig("a", "b", sqrt_step=0.01), ("sqrt", 0.01)),
+        (CodecSettings.for_mode("lossless"), RecodeConfig("a", "b", logprob_step=0.01), ("quantized", 0.01)),
+        (CodecSettings.for_mode("quantized", 0.125), RecodeConfig("a", "b"), ("quantized", 0.125)),
+        (CodecSettings.for_mode("quantized", 0.1), RecodeConfig("a", "b", logprob_step=0.3), ("quantized", 0.3)),
+        (CodecSettings.for_mode("quantized", 0.125), RecodeConfig("a", "b", logprob_step=0.625), ("quantized", 0.625)),
+        (CodecSettings.for_mode("lossless"), RecodeConfig("a", "b", codec_mode="quantized"), ("quantized", 0.125)),
+        (CodecSettings.for_mode("lossless"), RecodeConfig("a", "b", sqrt_step=0.01), ("sqrt", 0.01)),
         (CodecSettings.for_mode("sqrt", 0.01), RecodeConfig("a", "b", top_k=3), ("sqrt", 0.01)),
         (CodecSettings.for_mode("sqrt", 0.01), RecodeConfig("a", "b", sqrt_step=0.05), ("sqrt", 0.05)),
     ],
@@ -172,7 +172,7 @@ def test_codec_settings_follow_the_flags_else_the_source(source, asked, expected
 def test_a_capture_without_log_probabilities_may_take_any_mode():
     spec = CaptureSpec("sample", k=None, samples=8, sample_temperature=1.0, seed=0, sample_logprobs=False)
     asked = RecodeConfig("a", "b", codec_mode="lossless")
-    assert target_codec(asked, CodecSettings("quantized", 0.125), spec).mode == "lossless"
+    assert target_codec(asked, CodecSettings.for_mode("quantized", 0.125), spec).mode == "lossless"
 
 
 def test_top_p_captures_record_the_cap_as_max_k():
