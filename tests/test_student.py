@@ -113,6 +113,18 @@ def test_student_trains_with_the_teacher_deleted(train_cache, student_config_dir
         shutil.move(str(moved), teacher_dir)
 
 
+def test_a_version_1_cache_still_trains_a_student(student_config_dir, tmp_path):
+    """Caches written by the previous release keep training students, evaluation included."""
+    from pathlib import Path
+
+    v1_cache = tmp_path / "v1-cache"
+    shutil.copytree(Path(__file__).parent / "data" / "v1-cache", v1_cache)
+    out = tmp_path / "s"
+    train(v1_cache, student_config_dir, out, "--max-steps", "2", "--eval-cache", str(v1_cache))
+    report = json.loads((out / "eval.json").read_text())
+    assert report["kl"] > 0 and report["ce"] > 0
+
+
 def test_student_config_overrides_apply(train_cache, student_config_dir, tmp_path):
     train(
         train_cache, student_config_dir, tmp_path / "s", "--max-steps", "1", "--student-config", "num_hidden_layers=1"
