@@ -23,14 +23,17 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from pipeline import codec, models
+from pipeline import codec_v2, models
+from pipeline.cache import stack_rows
 from pipeline.capture import capture_topk
+from pipeline.capture_spec import CaptureSpec
 from pipeline.losses import distillation_parts
 from pipeline.student import train_step_loss
-from pipeline.teacher import HEAD_CHUNK_ELEMENTS, capture_batch
+from pipeline.teacher import HEAD_CHUNK_ELEMENTS, RowEncoder, capture_batch
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -103,13 +106,18 @@ def bench_teacher(model: torch.nn.Module, batch: torch.Tensor, k: int, repeats: 
     width = models.logit_width(model.config)
     chunk = max(1, HEAD_CHUNK_ELEMENTS // width)
     encoded_bytes = []
+    spec = CaptureSpec(strategy="topk", k=k)
+    settings = codec_v2.CodecSettings.for_mode(codec_v2.default_mode(spec))
+    sequences = [SimpleNamespace(source_record=0, record_offset=0) for _ in range(batch.shape[0])]
 
     def teacher_pass() -> None:
-        ids, logprobs, tail = capture_batch(head, batch, k, chunk)
+        """Forward, capture and encode (on the pass's encoder threads), as the teacher pass does."""
+        rows = capture_batch(head, batch, spec, 0, chunk)
+        with RowEncoder(spec, settings) as encoder:
+            encoder.submit(sequences, rows)
+            encoded = encoder.drain()
         encoded_bytes.clear()
-        for row in range(batch.shape[0]):
-            frames = codec.encode_row(codec.SparseRow(batch[row].numpy(), ids[row], logprobs[row], tail[row]))
-            encoded_bytes.append(sum(len(f) for f in frames.values()))
+        encoded_bytes.extend(sum(len(c) for c in cells.values() if isinstance(c, bytes)) for _, cells in encoded)
 
     @torch.inference_mode()
     def bare_forward() -> None:
@@ -136,13 +144,10 @@ def bench_student(student_spec: str, teacher: torch.nn.Module, batch: torch.Tens
     head = models.LMHead(student)
     width = models.logit_width(student.config)
     teacher_head = models.LMHead(teacher)
-    ids, logprobs, tail = capture_batch(teacher_head, batch, k, max(1, HEAD_CHUNK_ELEMENTS // width))
-    cached = {
-        "input_ids": batch,
-        "ids": torch.from_numpy(ids),
-        "logprobs": torch.from_numpy(logprobs),
-        "tail_logmass": torch.from_numpy(tail),
-    }
+    rows = capture_batch(
+        teacher_head, batch, CaptureSpec(strategy="topk", k=k), 0, max(1, HEAD_CHUNK_ELEMENTS // width)
+    )
+    cached = stack_rows(rows)
     from pipeline.evaluate import head_chunk_positions
 
     chunk = head_chunk_positions(width)
