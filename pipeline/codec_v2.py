@@ -80,6 +80,9 @@ INT64 = "int64"
 PROVENANCE_COLUMNS = ("source_record", "record_offset")
 # float16 rounding can lift a log-probability of -1e-4 to a hair above 0.
 LOGPROB_SLACK = 1e-3
+# Captured ids a teacher gives no probability (logits masked to -inf) are stored at this
+# log-probability: exp(-2^14) is 0 in float64 as well, and it is finite in every mode.
+LOGPROB_FLOOR = -(2.0**14)
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,7 @@ def encode_row(row: SparseRow, spec: CaptureSpec, settings: CodecSettings) -> di
         sampled = counts[_sampled_mask(lengths, _head_size(spec))]
         frames["counts"] = _frame(sampled - 1, "<u4", level)
     if spec.has_logprobs:
-        logprobs = np.take_along_axis(row.logprobs, order, axis=1)[stored_valid]
+        logprobs = np.maximum(np.take_along_axis(row.logprobs, order, axis=1)[stored_valid], LOGPROB_FLOOR)
         frames["logprobs"] = _encode_logprobs(logprobs, lengths, settings)
         frames["tail_logmass"] = _frame(row.tail_logmass, "<f4", level)
     return frames

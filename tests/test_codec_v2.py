@@ -196,3 +196,22 @@ def test_encoder_still_writes_the_golden_bytes(label):
 
 if __name__ == "__main__":  # pragma: no cover
     write_golden()
+
+
+@pytest.mark.parametrize("mode", codec_v2.MODES)
+def test_ids_the_teacher_gives_no_probability_are_stored_at_the_floor_and_read_back(mode):
+    """A teacher that masks logits to -inf can put ids of probability 0 among its top-k."""
+    spec, settings = CaptureSpec(strategy="topk", k=8), SETTINGS[mode]
+    logits = torch.full((SEQ_LEN, 10), float("-inf"))
+    logits[:, :5] = torch.randn(SEQ_LEN, 5, generator=torch.Generator().manual_seed(0))
+    captured = capture(logits, spec, torch.arange(SEQ_LEN))
+    assert torch.isinf(captured.logprobs).any()
+    row = SparseRow(
+        input_ids=np.zeros(SEQ_LEN, dtype=np.int64),
+        ids=captured.ids.numpy(),
+        logprobs=captured.logprobs.numpy(),
+        tail_logmass=captured.tail_logmass.numpy(),
+    )
+    decoded = decode_row(encode_row(row, spec, settings), SEQ_LEN, spec, settings, 10)
+    assert np.isfinite(decoded.logprobs).all()
+    np.testing.assert_allclose(np.exp(decoded.logprobs[:, 5:]), 0.0, atol=(settings.step or 0) ** 2)
