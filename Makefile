@@ -63,6 +63,11 @@ STUDENT ?= data/student-gemma3-tiny
 OUT ?= students/demo
 ALPHA ?= 0.5
 TEMPERATURE ?= 1.0
+# The distillation loss, passed only when set (docs/losses.md): LOSS=forward_kl|reverse_kl|jsd|
+# skew_kl|skew_reverse_kl|tvd --loss [forward_kl]; BETA=B --beta [0.5] (jsd); SKEW=L --skew [0.1] (skew_*).
+LOSS ?=
+BETA ?=
+SKEW ?=
 EPOCHS ?= 2
 BATCH ?= 4
 LR ?= 3e-3
@@ -71,6 +76,7 @@ STUDENT_ARGS ?=
 OVERWRITE ?=
 
 overwrite_flag = $(if $(OVERWRITE),--overwrite,)
+loss_flags = $(if $(LOSS),--loss $(LOSS),) $(if $(BETA),--beta $(BETA),) $(if $(SKEW),--skew $(SKEW),)
 teacher_deps = $(if $(filter $(DEFAULT_TEACHER),$(TEACHER)),$(DEFAULT_TEACHER)/embedded.json,)
 dataset_deps = $(if $(findstring $(DEFAULT_CORPUS),$(DATASET)),$(DEFAULT_CORPUS)/train.jsonl,)
 eval_cache_flag = $(if $(wildcard $(EVAL_CACHE)/manifest.json),--eval-cache $(EVAL_CACHE),)
@@ -114,7 +120,7 @@ teacher-cache: $(VENV)/.installed $(teacher_deps) $(dataset_deps)
 student-train: $(VENV)/.installed
 	$(DISTILL) student-train --cache $(CACHE) --student $(STUDENT) --out $(OUT) \
 		--alpha $(ALPHA) --temperature $(TEMPERATURE) --epochs $(EPOCHS) --batch-size $(BATCH) \
-		--lr $(LR) --seed $(SEED) $(eval_cache_flag) $(overwrite_flag) $(STUDENT_ARGS)
+		--lr $(LR) --seed $(SEED) $(loss_flags) $(eval_cache_flag) $(overwrite_flag) $(STUDENT_ARGS)
 
 # Whole pipeline on the embedded default, then a distilled student beside a
 # cross-entropy-only student trained on the same tokens.

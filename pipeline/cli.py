@@ -18,6 +18,7 @@ from pipeline.config import (
     DEFAULT_SHARD_TOKENS,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    LOSSES,
     StudentTrainConfig,
     TeacherCacheConfig,
 )
@@ -183,6 +184,19 @@ def teacher_cache(**options: Any) -> None:
 )
 @click.option(
     "--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2)."
+)
+@click.option(
+    "--loss",
+    type=click.Choice(LOSSES),
+    default="forward_kl",
+    show_default=True,
+    help="Distillation loss over the cached buckets (docs/losses.md); tvd is not scaled by T^2.",
+)
+@click.option(
+    "--beta", type=float, default=0.5, show_default=True, help="jsd: weight of the teacher in the mixture, in [0, 1]."
+)
+@click.option(
+    "--skew", type=float, default=0.1, show_default=True, help="skew_kl, skew_reverse_kl: mixture weight, in [0, 1)."
 )
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")

@@ -19,6 +19,10 @@ DEFAULT_HYBRID_HEAD = 16
 DEFAULT_SEQ_LEN = 512
 DEFAULT_SHARD_TOKENS = 1 << 18
 
+# The student pass's distillation losses (``--loss``; see pipeline/losses.py and docs/losses.md).
+LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+LOSSES: tuple[LossName, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
 
 @dataclass(frozen=True)
 class TeacherCacheConfig:
@@ -146,6 +150,9 @@ class StudentTrainConfig:
     tokenizer: str | None = None
     alpha: float = 0.5
     temperature: float = 1.0
+    loss: LossName = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
@@ -170,6 +177,12 @@ class StudentTrainConfig:
             raise ConfigError(f"--alpha {self.alpha} must lie in [0, 1]")
         if not self.temperature > 0:
             raise ConfigError(f"--temperature {self.temperature} must be positive")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"--beta {self.beta} must lie in [0, 1] (0 is forward_kl, 1 is reverse_kl)")
+        if not 0.0 <= self.skew < 1.0:
+            raise ConfigError(f"--skew {self.skew} must lie in [0, 1) (at 1 the loss is identically 0)")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("--batch-size and --grad-accum must be at least 1")
         if not self.lr > 0:

@@ -20,6 +20,10 @@ What the target holds depends on the capture (``docs/losses.md`` has the maths):
   other than the draws', the counts are importance-weighted and self-normalised.
 - hybrid: the head's exact probabilities, plus the rest mass shared among the drawn ids
   by their counts.
+
+The loss over the buckets is forward KL unless ``--loss`` picks another member of the
+family (:class:`Divergence`: reverse KL, generalised JSD, skew KL, skew reverse KL, total
+variation), each a pure function of the two sides' bucket log-probabilities.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.capture_spec import CaptureSpec
+from pipeline.divergences import FORWARD_KL, Divergence, bucket_kl
 from pipeline.errors import CacheError, ConfigError
 
 Estimator = Literal["buckets", "sampled"]
@@ -129,18 +134,6 @@ def student_buckets(student_logits: torch.Tensor, topk_ids: torch.Tensor, temper
     return torch.cat([captured, rest.unsqueeze(-1)], dim=-1)
 
 
-def bucket_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """``KL(teacher || student)`` per position over buckets: ``(N, B), (N, B) -> (N,)`` float32.
-
-    Buckets where the teacher has zero probability contribute 0 (even where the student
-    has ``-inf``), and no gradient.
-    """
-    teacher_probs = teacher_logprobs.exp()
-    terms = teacher_probs * (teacher_logprobs - student_logprobs)
-    terms = torch.where(teacher_probs > 0, terms, torch.zeros_like(terms))
-    return terms.sum(dim=-1)
-
-
 def sparse_kl(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -160,6 +153,13 @@ def dense_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tempera
     teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     return bucket_kl(teacher, student)
+
+
+def padding_slots(ids: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` bool: the slots that repeat slot 0's id (padding; a target's valid ids are distinct)."""
+    repeats = ids == ids[:, :1]
+    repeats[:, 0] = False
+    return repeats
 
 
 @dataclass(frozen=True)
@@ -331,10 +331,18 @@ def temperature_problem(temperature: float, sample_temperature: float) -> str:
     )
 
 
-def target_problem(capture: CaptureSpec, temperature: float) -> str | None:
+def target_problem(capture: CaptureSpec, temperature: float, divergence: Divergence = FORWARD_KL) -> str | None:
     """Why a distillation loss at ``temperature`` does not fit caches of ``capture``, or ``None``."""
     if capture.strategy not in ("topk", "topp", "sample", "hybrid"):
         return f"capture strategy {capture.strategy!r} has no distillation loss in this version; upgrade the package"
+    if divergence.needs_target_support and capture.strategy in ("sample", "hybrid"):
+        # t_hat is 0 outside the drawn ids, where the student has mass: KL(s || t_hat) is infinite.
+        loss = "jsd --beta 1" if divergence.name == "jsd" else divergence.name
+        return (
+            f"--loss {loss} needs the teacher's mass wherever the student has some, but a {capture.strategy} "
+            "cache's estimate has none outside the drawn ids (the loss would be infinite); use --loss forward_kl, "
+            "skew_kl, tvd or jsd with --beta below 1, or a topk or topp cache"
+        )
     sample_temperature = capture.sample_temperature or 1.0
     if (
         capture.strategy == "sample"
@@ -345,9 +353,9 @@ def target_problem(capture: CaptureSpec, temperature: float) -> str | None:
     return None
 
 
-def check_target_fits(capture: CaptureSpec, temperature: float) -> None:
+def check_target_fits(capture: CaptureSpec, temperature: float, divergence: Divergence = FORWARD_KL) -> None:
     """Raise :class:`~pipeline.errors.ConfigError` when :func:`target_problem` finds one."""
-    problem = target_problem(capture, temperature)
+    problem = target_problem(capture, temperature, divergence)
     if problem:
         raise ConfigError(problem)
 
@@ -411,7 +419,8 @@ class LossParts:
     """Sums over positions (divide by the counts for means).
 
     Attributes:
-        kd_sum: sum of ``T^2 * KL`` over distillation positions (a scalar tensor).
+        kd_sum: sum of ``T^2 * KL`` (of the chosen :class:`Divergence`, scaled as
+            :meth:`Divergence.temperature_scale` says) over distillation positions (a scalar tensor).
         ce_sum: sum of next-token cross-entropy over positions with a label.
         kd_count: number of distillation positions (0 without a target).
         ce_count: number of labelled positions.
@@ -428,9 +437,10 @@ def loss_parts(
     labels: torch.Tensor,
     target: Target | None,
     need_ce: bool = True,
+    divergence: Divergence = FORWARD_KL,
 ) -> LossParts:
     """Sums of the two terms of the standard recipe over ``N`` positions: ``T^2 * KL(target || student)``
-    and cross-entropy.
+    (or another ``divergence``) and cross-entropy.
 
     Args:
         student_logits: ``(N, V)`` float, a chunk of the student's logits.
@@ -438,6 +448,8 @@ def loss_parts(
         target: the same ``N`` positions of the batch's :class:`Target`, or ``None`` for
             cross-entropy alone.
         need_ce: compute the cross-entropy (at temperature 1, on the raw logits).
+        divergence: the distillation loss over the buckets (``--loss``); padding slots
+            (:func:`padding_slots`) get student log-probability ``-inf``, so they add 0 to every one.
 
     The loss over a batch is ``alpha * kd_sum / kd_count + (1 - alpha) * ce_sum / ce_count``.
     For a ``"sampled"`` target the KL is to ``t_hat``: its gradient, not its value, is the
@@ -453,8 +465,9 @@ def loss_parts(
         temperature = target.temperature
         scaled = logits if temperature == 1.0 else logits / temperature
         captured, rest, lse = folded_log_softmax(scaled, target.ids)
+        captured = torch.where(padding_slots(target.ids), float("-inf"), captured)
         student = torch.cat([captured, rest.unsqueeze(-1)], dim=-1)
-        kd_sum = bucket_kl(target.buckets(), student).sum() * temperature**2
+        kd_sum = divergence(student, target.buckets()).sum() * divergence.temperature_scale(temperature)
         if temperature == 1.0:
             log_normalizer = lse  # cross-entropy shares the one pass over the vocabulary
     if need_ce and ce_count:

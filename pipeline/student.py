@@ -30,7 +30,7 @@ from pipeline.capture_spec import CaptureSpec
 from pipeline.checkpoint import restore_checkpoint, save_checkpoint
 from pipeline.config import StudentTrainConfig
 from pipeline.evaluate import evaluate, iter_chunk_logits
-from pipeline.losses import loss_parts, next_token_labels, targets_from_batch
+from pipeline.losses import FORWARD_KL, Divergence, loss_parts, next_token_labels, targets_from_batch
 from pipeline.rows import SparseRow
 from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_previous_run, save_student
 from pipeline.store.atomic import write_bytes_atomic
@@ -140,6 +140,7 @@ def accumulate_gradients(run: StudentRun, batches: Iterator[dict[str, torch.Tens
             1 / cfg.grad_accum,
             run.autocast,
             run.capture,
+            Divergence(cfg.loss, cfg.beta, cfg.skew),
         )
         for key in sums:
             sums[key] += parts[key] / cfg.grad_accum
@@ -155,6 +156,7 @@ def train_step_loss(
     scale: float,
     autocast: torch.autocast | None,
     capture: CaptureSpec = TOPK_CAPTURE,
+    divergence: Divergence = FORWARD_KL,
 ) -> dict[str, float]:
     """Forward and backward of one micro-batch; gradients accumulate, scaled by ``scale``.
 
@@ -162,6 +164,7 @@ def train_step_loss(
         batch: as :func:`pipeline.cache.stack_rows` builds it, from a cache of ``capture``.
         alpha: weight of the distillation term (``1 - alpha`` on cross-entropy); at 0 no
             target is built.
+        divergence: the distillation loss (``--loss``).
 
     The backbone runs once; the head runs chunk by chunk on a detached copy of its output,
     each chunk's loss backpropagates at once (freeing its logits), and the summed gradient
@@ -177,7 +180,8 @@ def train_step_loss(
     ce_total = max(1, int((labels != -100).sum()))
     kd_sum = ce_sum = 0.0
     for positions, logits in iter_chunk_logits(head, flat, chunk_positions, autocast):
-        parts = loss_parts(logits, labels[positions], None if target is None else target.chunk(positions))
+        chunk_target = None if target is None else target.chunk(positions)
+        parts = loss_parts(logits, labels[positions], chunk_target, divergence=divergence)
         loss = alpha * parts.kd_sum / kd_total + (1 - alpha) * parts.ce_sum / ce_total
         (loss * scale).backward()
         kd_sum += float(parts.kd_sum.detach())

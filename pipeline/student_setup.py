@@ -23,7 +23,7 @@ from pipeline.config import StudentTrainConfig
 from pipeline.errors import ConfigError, TokenizerMismatchError, first_line
 from pipeline.evaluate import head_chunk_positions
 from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.losses import check_target_fits
+from pipeline.losses import Divergence, check_target_fits
 from pipeline.run_folder import OutputPlan, check_output
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def check_capture_fits(cfg: StudentTrainConfig, capture: CaptureSpec) -> None:
     With ``--alpha 0`` the run is cross-entropy alone and fits every cache.
     """
     if cfg.alpha > 0:
-        check_target_fits(capture, cfg.temperature)
+        check_target_fits(capture, cfg.temperature, Divergence(cfg.loss, cfg.beta, cfg.skew))
 
 
 def load_checked_student(
