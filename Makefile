@@ -64,10 +64,12 @@ OUT ?= students/demo
 ALPHA ?= 0.5
 TEMPERATURE ?= 1.0
 # The distillation loss, passed only when set (docs/losses.md): LOSS=forward_kl|reverse_kl|jsd|
-# skew_kl|skew_reverse_kl|tvd --loss [forward_kl]; BETA=B --beta [0.5] (jsd); SKEW=L --skew [0.1] (skew_*).
+# skew_kl|skew_reverse_kl|tvd --loss [forward_kl]; BETA=B --beta [0.5] (jsd); SKEW=L --skew [0.1] (skew_*);
+# RENORMALIZE=1 --renormalize (both sides over the captured ids, no rest bucket).
 LOSS ?=
 BETA ?=
 SKEW ?=
+RENORMALIZE ?=
 EPOCHS ?= 2
 BATCH ?= 4
 LR ?= 3e-3
@@ -76,7 +78,8 @@ STUDENT_ARGS ?=
 OVERWRITE ?=
 
 overwrite_flag = $(if $(OVERWRITE),--overwrite,)
-loss_flags = $(if $(LOSS),--loss $(LOSS),) $(if $(BETA),--beta $(BETA),) $(if $(SKEW),--skew $(SKEW),)
+loss_flags = $(if $(LOSS),--loss $(LOSS),) $(if $(BETA),--beta $(BETA),) $(if $(SKEW),--skew $(SKEW),) \
+	$(if $(filter 1,$(RENORMALIZE)),--renormalize,)
 teacher_deps = $(if $(filter $(DEFAULT_TEACHER),$(TEACHER)),$(DEFAULT_TEACHER)/embedded.json,)
 dataset_deps = $(if $(findstring $(DEFAULT_CORPUS),$(DATASET)),$(DEFAULT_CORPUS)/train.jsonl,)
 eval_cache_flag = $(if $(wildcard $(EVAL_CACHE)/manifest.json),--eval-cache $(EVAL_CACHE),)

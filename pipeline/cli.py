@@ -198,6 +198,12 @@ def teacher_cache(**options: Any) -> None:
 @click.option(
     "--skew", type=float, default=0.1, show_default=True, help="skew_kl, skew_reverse_kl: mixture weight, in [0, 1)."
 )
+@click.option(
+    "--renormalize",
+    is_flag=True,
+    help="Compare both sides renormalised over the captured ids, without the rest bucket "
+    "(the tail is dropped; see docs/losses.md).",
+)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")

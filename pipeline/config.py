@@ -153,6 +153,7 @@ class StudentTrainConfig:
     loss: LossName = "forward_kl"
     beta: float = 0.5
     skew: float = 0.1
+    renormalize: bool = False
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3

@@ -126,11 +126,26 @@ class Divergence:
         beta: ``jsd``'s weight of the target in the mixture (``--beta``), in ``[0, 1]``.
         skew: ``skew_kl`` and ``skew_reverse_kl``'s weight of the first side in the mixture
             (``--skew``), in ``[0, 1)``.
+        renormalize: compare the two sides renormalised over the captured ids, without the
+            rest bucket (``--renormalize``); see :meth:`sides`.
     """
 
     name: LossName = "forward_kl"
     beta: float = 0.5
     skew: float = 0.1
+    renormalize: bool = False
+
+    def sides(self, student_logprobs: torch.Tensor, target_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two ``(N, B)`` bucket distributions compared: as given (the rest bucket last), or, with
+        ``renormalize`` (``--renormalize``), each side's captured buckets renormalised and the rest dropped
+        (``(N, B - 1)``)."""
+        if not self.renormalize:
+            return student_logprobs, target_logprobs
+        student, target = student_logprobs[:, :-1], target_logprobs[:, :-1]
+        return (
+            student - torch.logsumexp(student, dim=-1, keepdim=True),
+            target - torch.logsumexp(target, dim=-1, keepdim=True),
+        )
 
     def __call__(self, student_logprobs: torch.Tensor, target_logprobs: torch.Tensor) -> torch.Tensor:
         """Per-position loss over buckets: ``(N, B)`` student, ``(N, B)`` target log-probabilities -> ``(N,)``."""
@@ -154,8 +169,10 @@ class Divergence:
 
     @property
     def needs_target_support(self) -> bool:
-        """Whether the loss is infinite where the student has mass the target lacks (reverse-type losses)."""
-        return self.name in ("reverse_kl", "skew_reverse_kl") or (self.name == "jsd" and self.beta == 1.0)
+        """Whether the loss is infinite where the student has mass the target lacks (reverse-type losses,
+        unless both sides are renormalised over the captured ids, where the target has mass)."""
+        reverse = self.name in ("reverse_kl", "skew_reverse_kl") or (self.name == "jsd" and self.beta == 1.0)
+        return reverse and not self.renormalize
 
 
 FORWARD_KL = Divergence()

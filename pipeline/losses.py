@@ -341,7 +341,7 @@ def target_problem(capture: CaptureSpec, temperature: float, divergence: Diverge
         return (
             f"--loss {loss} needs the teacher's mass wherever the student has some, but a {capture.strategy} "
             "cache's estimate has none outside the drawn ids (the loss would be infinite); use --loss forward_kl, "
-            "skew_kl, tvd or jsd with --beta below 1, or a topk or topp cache"
+            "skew_kl, tvd or jsd with --beta below 1, add --renormalize, or use a topk or topp cache"
         )
     sample_temperature = capture.sample_temperature or 1.0
     if (
@@ -467,7 +467,8 @@ def loss_parts(
         captured, rest, lse = folded_log_softmax(scaled, target.ids)
         captured = torch.where(padding_slots(target.ids), float("-inf"), captured)
         student = torch.cat([captured, rest.unsqueeze(-1)], dim=-1)
-        kd_sum = divergence(student, target.buckets()).sum() * divergence.temperature_scale(temperature)
+        compared = divergence.sides(student, target.buckets())
+        kd_sum = divergence(*compared).sum() * divergence.temperature_scale(temperature)
         if temperature == 1.0:
             log_normalizer = lse  # cross-entropy shares the one pass over the vocabulary
     if need_ce and ce_count:

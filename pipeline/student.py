@@ -140,7 +140,7 @@ def accumulate_gradients(run: StudentRun, batches: Iterator[dict[str, torch.Tens
             1 / cfg.grad_accum,
             run.autocast,
             run.capture,
-            Divergence(cfg.loss, cfg.beta, cfg.skew),
+            Divergence(cfg.loss, cfg.beta, cfg.skew, cfg.renormalize),
         )
         for key in sums:
             sums[key] += parts[key] / cfg.grad_accum

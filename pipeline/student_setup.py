@@ -131,7 +131,7 @@ def check_capture_fits(cfg: StudentTrainConfig, capture: CaptureSpec) -> None:
     With ``--alpha 0`` the run is cross-entropy alone and fits every cache.
     """
     if cfg.alpha > 0:
-        check_target_fits(capture, cfg.temperature, Divergence(cfg.loss, cfg.beta, cfg.skew))
+        check_target_fits(capture, cfg.temperature, Divergence(cfg.loss, cfg.beta, cfg.skew, cfg.renormalize))
 
 
 def load_checked_student(

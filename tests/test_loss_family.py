@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -220,3 +221,60 @@ def test_student_train_runs_a_step_with_each_loss(loss, train_cache, student_con
     training = json.loads((out / "training.json").read_text())
     assert training["config"]["loss"] == loss
     assert math.isfinite(training["final"]["kd"]) and training["final"]["kd"] >= 0
+
+
+def top_k_target(teacher_logits, k, temperature=1.0):
+    """A top-k target of ``k`` ids with its true tail, and those ids."""
+    logprobs = torch.log_softmax(teacher_logits, dim=-1)
+    top, ids = logprobs.topk(k, dim=-1)
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+    return bucket_target(ids, None, top, tail, temperature), ids
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES, ids=LOSSES)
+def test_renormalised_losses_equal_the_dense_loss_between_the_distributions_restricted_to_the_captured_ids(
+    divergence, temperature
+):
+    generator = torch.Generator().manual_seed(7)
+    teacher_logits = torch.randn(5, VOCAB, generator=generator) * 2
+    student_logits = torch.randn(5, VOCAB, generator=generator)
+    target, ids = top_k_target(teacher_logits, 6, temperature)
+    renormalized = replace(divergence, renormalize=True)
+    value, grad = kd_and_grad(student_logits, target, renormalized)
+    # Reference: both models restricted to the captured ids, where the student's other logits get no gradient.
+    logits = student_logits.clone().requires_grad_(True)
+    reference = dense_reference(teacher_logits.gather(-1, ids), logits.gather(-1, ids), divergence, temperature).sum()
+    reference.backward()
+    torch.testing.assert_close(value, reference.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, logits.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_renormalised_loss_ignores_the_tail_and_the_bucket_loss_does_not():
+    generator = torch.Generator().manual_seed(8)
+    teacher_logits = torch.randn(4, VOCAB, generator=generator)
+    student_logits = torch.randn(4, VOCAB, generator=generator)
+    target, ids = top_k_target(teacher_logits, 5)
+    heavier = bucket_target(ids, None, target.logprobs, target.rest_logprob + 0.5)
+    for divergence, same in ((Divergence(renormalize=True), True), (Divergence(), False)):
+        a, _ = kd_and_grad(student_logits, target, divergence)
+        b, _ = kd_and_grad(student_logits, heavier, divergence)
+        assert torch.isclose(a, b).item() is same
+
+
+def test_renormalised_reverse_losses_fit_sampled_captures():
+    capture = CaptureSpec(strategy="sample", k=None, samples=8, sample_temperature=1.0, seed=0)
+    assert target_problem(capture, 1.0, Divergence("reverse_kl")) is not None
+    assert target_problem(capture, 1.0, Divergence("reverse_kl", renormalize=True)) is None
+
+
+def test_student_train_runs_a_renormalised_step(train_cache, student_config_dir, tmp_path):
+    out = tmp_path / "renormalized"
+    result = run_cli(
+        "student-train",
+        *("--cache", str(train_cache), "--student", str(student_config_dir), "--out", str(out)),
+        *("--loss", "reverse_kl", "--renormalize", "--max-steps", "1", "--batch-size", "2"),
+    )
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "training.json").read_text())
+    assert training["config"]["renormalize"] is True and math.isfinite(training["final"]["kd"])
