@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -31,10 +32,13 @@ from pipeline.checkpoint import restore_checkpoint, save_checkpoint
 from pipeline.config import StudentTrainConfig
 from pipeline.evaluate import evaluate, iter_chunk_logits
 from pipeline.losses import FORWARD_KL, Divergence, loss_parts, next_token_labels, targets_from_batch
+from pipeline.monitor import MONITOR_FIELDS, MonitorSums, MonitorWarnings, add_chunk_stats, monitor_targets
 from pipeline.rows import SparseRow
 from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_previous_run, save_student
 from pipeline.store.atomic import write_bytes_atomic
 from pipeline.student_setup import StudentRun, build_optimizer, prepare_run
+
+log = logging.getLogger(__name__)
 
 # The capture of callers that name none: top-k, as every format version 1 cache holds.
 TOPK_CAPTURE = CaptureSpec("topk")
@@ -97,7 +101,9 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
     """The loop: batch, forward, loss, backward (``--grad-accum`` times), step; log and checkpoint.
 
     The data order continues where ``state`` stopped, so a resumed run reads what the
-    uninterrupted one would have.
+    uninterrupted one would have. Logging steps also measure the monitors
+    (:mod:`pipeline.monitor`), and :class:`~pipeline.monitor.MonitorWarnings` logs a warning
+    when the KL vanishes or the loss stops falling.
     """
     cfg = run.cfg
     batches = batch_stream(run.cache, cfg.seed, state.rows_seen, cfg.batch_size, run.device)
@@ -110,26 +116,42 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
         disable=None if progress else True,
         mininterval=1.0,
     )
+    warnings = MonitorWarnings(cfg.temperature)
     with open(run.plan.out / METRICS_NAME, "a") as metrics_file, bar:
         while state.step < run.total_steps:
             set_learning_rate(optimizer, cfg.lr * lr_factor(state.step, run.warmup, run.total_steps))
-            losses = accumulate_gradients(run, batches)
+            logging_step = is_logging_step(state.step + 1, cfg.log_every, run.total_steps)
+            losses = accumulate_gradients(run, batches, monitor=logging_step)
             optimizer_step(run.model, optimizer, cfg.max_grad_norm)
             advance(state, run, losses)
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.3f}")
-            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
-                write_metrics(metrics_file, state, run, optimizer)
+            if logging_step:
+                record = write_metrics(metrics_file, state, run, optimizer)
+                for message in warnings.update(record):
+                    log.warning(message)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps:
                 save_checkpoint(run.plan.out, state.step, run.model, optimizer, trainer_state(run, state))
     run.model.eval()
     return state
 
 
-def accumulate_gradients(run: StudentRun, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Forward and backward ``--grad-accum`` micro-batches; their mean ``loss``, ``kd`` and ``ce``."""
+def is_logging_step(step: int, log_every: int, total_steps: int) -> bool:
+    """Whether optimizer step ``step`` (counted from 1) writes a line to ``metrics.jsonl``."""
+    return step % log_every == 0 or step == total_steps
+
+
+def accumulate_gradients(
+    run: StudentRun, batches: Iterator[dict[str, torch.Tensor]], monitor: bool = False
+) -> dict[str, float]:
+    """Forward and backward ``--grad-accum`` micro-batches; their mean ``loss``, ``kd`` and ``ce``.
+
+    With ``monitor``, also the monitors of :meth:`pipeline.monitor.MonitorSums.means`
+    (``kl_t1``, ``kl_t``, entropies, ``top1_agreement``), averaged over every position of the step.
+    """
     cfg = run.cfg
     sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+    stats = MonitorSums() if monitor else None
     for _ in range(cfg.grad_accum):
         parts = train_step_loss(
             run.head,
@@ -141,10 +163,11 @@ def accumulate_gradients(run: StudentRun, batches: Iterator[dict[str, torch.Tens
             run.autocast,
             run.capture,
             Divergence(cfg.loss, cfg.beta, cfg.skew, cfg.renormalize),
+            stats,
         )
         for key in sums:
             sums[key] += parts[key] / cfg.grad_accum
-    return sums
+    return sums if stats is None else {**sums, **stats.means()}
 
 
 def train_step_loss(
@@ -157,6 +180,7 @@ def train_step_loss(
     autocast: torch.autocast | None,
     capture: CaptureSpec = TOPK_CAPTURE,
     divergence: Divergence = FORWARD_KL,
+    stats: MonitorSums | None = None,
 ) -> dict[str, float]:
     """Forward and backward of one micro-batch; gradients accumulate, scaled by ``scale``.
 
@@ -165,6 +189,8 @@ def train_step_loss(
         alpha: weight of the distillation term (``1 - alpha`` on cross-entropy); at 0 no
             target is built.
         divergence: the distillation loss (``--loss``).
+        stats: where to add the monitors (:func:`pipeline.monitor.add_chunk_stats`), measured
+            under ``torch.no_grad`` on the same chunk logits; ``None`` skips them.
 
     The backbone runs once; the head runs chunk by chunk on a detached copy of its output,
     each chunk's loss backpropagates at once (freeing its logits), and the summed gradient
@@ -173,6 +199,7 @@ def train_step_loss(
     input_ids = batch["input_ids"]
     labels = next_token_labels(input_ids).reshape(-1)
     target = targets_from_batch(batch, capture, temperature) if alpha > 0 else None
+    target_t1, target_t = monitor_targets(batch, capture, temperature, target) if stats is not None else (None, None)
     with autocast or nullcontext():
         hidden = head.hidden_states(input_ids)
     flat = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_(True)
@@ -186,6 +213,10 @@ def train_step_loss(
         (loss * scale).backward()
         kd_sum += float(parts.kd_sum.detach())
         ce_sum += float(parts.ce_sum.detach())
+        if stats is not None:
+            chunk_t1 = None if target_t1 is None else target_t1.chunk(positions)
+            chunk_t = chunk_t1 if target_t is target_t1 else None if target_t is None else target_t.chunk(positions)
+            add_chunk_stats(stats, logits, chunk_t1, chunk_t, temperature)
         del logits, parts, loss  # free this chunk's (N, V) logits before the next chunk
     hidden.backward(flat.grad.reshape(hidden.shape))
     kd = kd_sum / kd_total if target is not None else float("nan")
@@ -224,8 +255,11 @@ def advance(state: TrainState, run: StudentRun, losses: dict[str, float]) -> Non
     state.last = losses
 
 
-def write_metrics(metrics_file: IO[str], state: TrainState, run: StudentRun, optimizer: torch.optim.Optimizer) -> None:
-    """Append a line to ``metrics.jsonl``: the last step's losses, learning rate, throughput since the last line."""
+def write_metrics(
+    metrics_file: IO[str], state: TrainState, run: StudentRun, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Append a line to ``metrics.jsonl`` and return it: the last step's losses and monitors (those it
+    measured), learning rate, throughput since the last line."""
     now = time.time()
     kd = state.last["kd"]
     record = {
@@ -234,12 +268,14 @@ def write_metrics(metrics_file: IO[str], state: TrainState, run: StudentRun, opt
         "loss": state.last["loss"],
         "kd": None if math.isnan(kd) else kd,
         "ce": state.last["ce"],
+        **{name: value for name, value in state.last.items() if name in MONITOR_FIELDS},
         "lr": optimizer.param_groups[0]["lr"],
         "tokens_per_s": state.window_tokens / max(now - state.window_start, 1e-9),
     }
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
     state.window_start, state.window_tokens = now, 0
+    return record
 
 
 def trainer_state(run: StudentRun, state: TrainState) -> dict[str, Any]:
