@@ -93,7 +93,7 @@ capture_flags = $(strip --capture $(CAPTURE) \
 	$(if $(CODEC_MODE),--codec-mode $(CODEC_MODE),) $(if $(LOGPROB_STEP),--logprob-step $(LOGPROB_STEP),) \
 	$(if $(SQRT_STEP),--sqrt-step $(SQRT_STEP),))
 
-.PHONY: setup demo teacher-cache student-train test test-all lint format bench bench-codec bench-quality clean
+.PHONY: setup demo teacher-cache student-train progressive test test-all lint format bench bench-codec bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -134,6 +134,23 @@ demo: $(VENV)/.installed
 	$(MAKE) --no-print-directory student-train OUT=$(OUT)-ce ALPHA=0.0 OVERWRITE=1
 	$(DISTILL) inspect $(CACHE)
 	$(PY) -m pipeline.demo report $(OUT)-kd $(OUT)-ce
+
+# Progressive distillation: teacher -> student 1 -> a cache of student 1 -> student 2.
+# Each stage is its own make run, so a cache written by an earlier stage is seen by the next
+# (--eval-cache is passed only where that held-out cache exists). Student 1's caches keep
+# their own held-out cache, $(CACHE1)-heldout, which student 2 is evaluated on.
+STUDENT1 ?= data/student-gemma3-tiny
+STUDENT2 ?= $(STUDENT1)
+OUT1 ?= students/progressive-1
+OUT2 ?= students/progressive-2
+CACHE1 ?= caches/progressive-1
+
+progressive: $(VENV)/.installed
+	$(MAKE) --no-print-directory teacher-cache
+	$(MAKE) --no-print-directory student-train OUT=$(OUT1) STUDENT=$(STUDENT1)
+	$(MAKE) --no-print-directory teacher-cache TEACHER=$(OUT1) CACHE=$(CACHE1) EVAL_CACHE=$(CACHE1)-heldout
+	$(MAKE) --no-print-directory student-train CACHE=$(CACHE1) EVAL_CACHE=$(CACHE1)-heldout OUT=$(OUT2) \
+		STUDENT=$(STUDENT2)
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check pipeline tests bench

@@ -61,6 +61,11 @@ def resolve_source(spec: str, role: str) -> Source:
                     f"{role} '{spec}' is a file but not a .gguf; give a model folder, a .gguf file or a Hub id"
                 )
             return Source(str(path.parent), path.name, True, path.name)
+        if not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+            raise SourceNotFoundError(
+                f"{role} '{spec}' is a student-train folder whose run has not finished (checkpoints, no final "
+                "model); let it finish, or finish it with student-train --resume, then use the folder"
+            )
         return Source(str(path), None, True, path.resolve().name)
     if looks_like_path(spec) or spec.endswith(".gguf"):
         raise SourceNotFoundError(f"{role} path '{spec}' does not exist; check the path")
