@@ -59,7 +59,7 @@ from pipeline import codec_v2, paths
 from pipeline.capture_spec import CaptureSpec
 from pipeline.codec_v2 import MAX_LOGPROB_STEP, MAX_SQRT_STEP, CodecSettings
 from pipeline.config import RecodeConfig
-from pipeline.errors import CacheError, ConfigError, OutputExistsError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.fingerprint import TokenStreamHasher
 from pipeline.manifest import CHECKSUM_FIELD, FORMAT_VERSION, Column, Manifest, ShardEntry
 from pipeline.resume import header_of, plan_output
@@ -365,7 +365,7 @@ def run_recode(cfg: RecodeConfig, progress: bool = True) -> RecodeSummary:
     if problems:
         raise CacheError(f"--cache '{src}': {problems[0]}; the cache is damaged")
     plan = plan_recode(cfg, source)
-    new_folders = _make_output_folder(out)
+    new_folders = paths.make_output_folder(out)
     try:
         with journal.CacheLock(out):
             output = plan_output(out, plan.header, cfg.overwrite)
@@ -427,26 +427,8 @@ def _checked_paths(cfg: RecodeConfig) -> tuple[Path, Path]:
         raise ConfigError(
             f"--out '{out}' is the --cache folder itself; a recode writes a new cache: choose another --out folder"
         )
-    if out.is_symlink() and not out.exists():
-        raise ConfigError(
-            f"--out '{out}' is a symlink to '{os.readlink(out)}', which does not exist (or loops); "
-            "create its target folder or give another path"
-        )
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
+    paths.check_out_folder(out)
     return src, out
-
-
-def _make_output_folder(out: Path) -> list[Path]:
-    """Create ``out`` and any missing parents; return the folders created, outermost first."""
-    missing = [folder for folder in (out, *out.parents) if not folder.exists()][::-1]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create --out '{out}' ({exc.strerror or exc}); give a folder path you can write to"
-        ) from exc
-    return missing
 
 
 def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardEntry], progress: bool) -> None:

@@ -49,7 +49,7 @@ from pipeline.data import (
     skip_documents_with_ids_from,
     tokenize_records,
 )
-from pipeline.errors import ConfigError, DatasetError, OutputExistsError
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, TokenStreamHasher, sha256_file, tokenizer_fingerprint
 from pipeline.manifest import FORMAT_VERSION, Column, ShardEntry
 from pipeline.resume import plan_output
@@ -227,7 +227,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSu
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     header = cache_header(cfg, stream.display, teacher_source, config, tokenizer, width, dtype, device)
-    new_folders = _make_output_folder(out)
+    new_folders = paths.make_output_folder(out)
     try:
         with journal.CacheLock(out):
             plan = plan_output(out, header, cfg.overwrite)
@@ -292,26 +292,8 @@ def _checked_output(cfg: TeacherCacheConfig) -> Path:
                 paths.reject_overlap(cfg.out, "--out", source, flag)
             except (OSError, RuntimeError) as exc:  # a symlink loop, an unreadable folder
                 raise ConfigError(f"cannot resolve --out '{out}' or {flag} '{source}' ({exc}); fix the path") from exc
-    if out.is_symlink() and not out.exists():
-        raise ConfigError(
-            f"--out '{out}' is a symlink to '{os.readlink(out)}', which does not exist (or loops); "
-            "create its target folder or give another path"
-        )
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out '{out}' is a file; give a folder path")
+    paths.check_out_folder(out)
     return out
-
-
-def _make_output_folder(out: Path) -> list[Path]:
-    """Create ``out`` and any missing parents; return the folders created, outermost first."""
-    missing = [folder for folder in (out, *out.parents) if not folder.exists()][::-1]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create --out '{out}' ({exc.strerror or exc}); give a folder path you can write to"
-        ) from exc
-    return missing
 
 
 def unembeddable_ids(tokenizer: Any, rows: int) -> list[int]:
