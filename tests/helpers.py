@@ -287,3 +287,22 @@ def fuzz_campaign(cache: Path, cases: int, seed: int) -> dict[str, int]:
         for path, payload in originals.items():
             path.write_bytes(payload)
     return outcomes
+
+
+def tiny_student(vocab: int = 40):
+    """A one-layer Llama of ``vocab`` logits, seeded: for loss and step tests that need a real LM head."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

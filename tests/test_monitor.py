@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import run_cli
-from transformers import AutoModelForCausalLM, LlamaConfig
+from helpers import tiny_student
 
 from pipeline.capture_spec import CaptureSpec
 from pipeline.divergences import bucket_kl
@@ -24,21 +24,6 @@ from pipeline.monitor import (
 from pipeline.student import train_step_loss
 
 VOCAB, K = 40, 5
-
-
-def tiny_student():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def topk_batch(batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import run_cli
+from helpers import tiny_student
 from transformers import AutoConfig, AutoModelForCausalLM
 
 TRAIN = ["--batch-size", "8", "--lr", "3e-3", "--seed", "0"]
@@ -247,23 +248,6 @@ def test_damaged_tokenizer_copy_in_the_cache_is_refused(train_cache, student_con
 
 
 # ------------------------------------------------------------------ every capture
-
-
-def tiny_student(vocab: int = 40):
-    from transformers import LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def hybrid_rows(count: int, seq_len: int, vocab: int, head: int, draws: int, seed: int):
