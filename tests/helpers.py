@@ -306,3 +306,29 @@ def tiny_student(vocab: int = 40):
         tie_word_embeddings=False,
     )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def make_dry_run(target: str, variables: dict[str, str], left_out: set[str]) -> tuple[list[list[str]], str]:
+    """The ``distill`` commands ``make -n TARGET`` prints, each as ``[command, *args]``, and make's output.
+
+    ``left_out`` names environment variables kept from make, so that a caller's settings (or
+    a make running pytest) change nothing.
+    """
+    import os
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        ["make", "-n", "--no-print-directory", "-C", str(root), target] + [f"{k}={v}" for k, v in variables.items()],
+        capture_output=True,
+        text=True,
+        env={key: value for key, value in os.environ.items() if key not in left_out},
+    )
+    assert result.returncode == 0, result.stderr
+    commands = []
+    for line in result.stdout.replace("\\\n", " ").splitlines():
+        words = shlex.split(line)
+        if len(words) > 1 and words[0].endswith("/distill"):
+            commands.append(words[1:])
+    return commands, result.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_cache, run_cli
+from helpers import make_dry_run
 
 import pipeline
 from pipeline.cli import main
@@ -250,20 +250,9 @@ MAKE_ENV_LEFT_OUT = {
 def make_teacher_commands(**variables: str) -> list[list[str]]:
     """The ``distill teacher-cache`` argument lists that ``make -n teacher-cache`` prints, after ``teacher-cache``."""
     settings = {"TEACHER": "models/t", "DATASET": "d.jsonl", "EVAL_DATASET": "e.jsonl", **variables}
-    result = subprocess.run(
-        ["make", "-n", "--no-print-directory", "-C", str(ROOT), "teacher-cache"]
-        + [f"{key}={value}" for key, value in settings.items()],
-        capture_output=True,
-        text=True,
-        env={key: value for key, value in os.environ.items() if key not in MAKE_ENV_LEFT_OUT},
-    )
-    assert result.returncode == 0, result.stderr
-    commands = []
-    for line in result.stdout.replace("\\\n", " ").splitlines():
-        words = shlex.split(line)
-        if len(words) > 1 and words[0].endswith("/distill") and words[1] == "teacher-cache":
-            commands.append(words[2:])
-    assert len(commands) == 2, result.stdout  # the training cache and the held-out one
+    printed, output = make_dry_run("teacher-cache", settings, MAKE_ENV_LEFT_OUT)
+    commands = [words[1:] for words in printed if words[0] == "teacher-cache"]
+    assert len(commands) == 2, output  # the training cache and the held-out one
     return commands
 
 

@@ -5,14 +5,12 @@ the Makefile's ``progressive`` target runs the same chain.
 """
 
 import json
-import os
-import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import make_cache, run_cli
+from helpers import make_dry_run
 from transformers import AutoModelForCausalLM
 
 from pipeline.fingerprint import files_fingerprint
@@ -116,20 +114,8 @@ MAKE_ENV_LEFT_OUT = {
 @needs_make
 def test_make_progressive_runs_the_chain_in_order():
     settings = {"TEACHER": "models/t", "DATASET": "d.jsonl", "EVAL_DATASET": "e.jsonl"}
-    result = subprocess.run(
-        ["make", "-n", "--no-print-directory", "-C", str(ROOT), "progressive"]
-        + [f"{key}={value}" for key, value in settings.items()],
-        capture_output=True,
-        text=True,
-        env={key: value for key, value in os.environ.items() if key not in MAKE_ENV_LEFT_OUT},
-    )
-    assert result.returncode == 0, result.stderr
-    commands = []
-    for line in result.stdout.replace("\\\n", " ").splitlines():
-        words = shlex.split(line)
-        if len(words) > 1 and words[0].endswith("/distill"):
-            args = words[2:]
-            commands.append((words[1], args[args.index("--out") + 1], args))
+    printed, output = make_dry_run("progressive", settings, MAKE_ENV_LEFT_OUT)
+    commands = [(words[0], words[words.index("--out") + 1], words[1:]) for words in printed]
     passes = [(command, out) for command, out, _ in commands]
     assert passes == [
         ("teacher-cache", "caches/demo"),
@@ -138,7 +124,7 @@ def test_make_progressive_runs_the_chain_in_order():
         ("teacher-cache", "caches/progressive-1"),
         ("teacher-cache", "caches/progressive-1-heldout"),
         ("student-train", "students/progressive-2"),
-    ], result.stdout
+    ], output
 
     def option(args: list[str], flag: str) -> str:
         return args[args.index(flag) + 1]
