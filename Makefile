@@ -66,10 +66,23 @@ TEMPERATURE ?= 1.0
 # The distillation loss, passed only when set (docs/losses.md): LOSS=forward_kl|reverse_kl|jsd|
 # skew_kl|skew_reverse_kl|tvd --loss [forward_kl]; BETA=B --beta [0.5] (jsd); SKEW=L --skew [0.1] (skew_*);
 # RENORMALIZE=1 --renormalize (both sides over the captured ids, no rest bucket).
+# ADAPT_TEMPERATURE=1 --adapt-temperature (T *= 0.9 while the KL at T stays below 0.01).
+# Teacher ensembles: ENSEMBLE=mean_prob|mean_logprob --ensemble, ENSEMBLE_CACHES="B C" the other teachers'
+# caches of the same data (each a --cache after CACHE), CACHE_WEIGHTS=0.5,0.3,0.2 --cache-weights.
+ENSEMBLE ?=
+ENSEMBLE_CACHES ?=
+CACHE_WEIGHTS ?=
+# Curriculum by teacher confidence: CURRICULUM=confidence --curriculum, CURRICULUM_PACING=linear|root,
+# CURRICULUM_START=F (pool at first [0.2]), CURRICULUM_SPAN=F (fraction of steps to the whole cache [0.5]).
+CURRICULUM ?=
+CURRICULUM_PACING ?=
+CURRICULUM_START ?=
+CURRICULUM_SPAN ?=
 LOSS ?=
 BETA ?=
 SKEW ?=
 RENORMALIZE ?=
+ADAPT_TEMPERATURE ?=
 EPOCHS ?= 2
 BATCH ?= 4
 LR ?= 3e-3
@@ -79,7 +92,13 @@ OVERWRITE ?=
 
 overwrite_flag = $(if $(OVERWRITE),--overwrite,)
 loss_flags = $(if $(LOSS),--loss $(LOSS),) $(if $(BETA),--beta $(BETA),) $(if $(SKEW),--skew $(SKEW),) \
-	$(if $(filter 1,$(RENORMALIZE)),--renormalize,)
+	$(if $(filter 1,$(RENORMALIZE)),--renormalize,) $(if $(filter 1,$(ADAPT_TEMPERATURE)),--adapt-temperature,)
+cache_flags = --cache $(CACHE) $(foreach cache,$(ENSEMBLE_CACHES),--cache $(cache)) \
+	$(if $(ENSEMBLE),--ensemble $(ENSEMBLE),) $(if $(CACHE_WEIGHTS),--cache-weights $(CACHE_WEIGHTS),)
+curriculum_flags = $(if $(CURRICULUM),--curriculum $(CURRICULUM),) \
+	$(if $(CURRICULUM_PACING),--curriculum-pacing $(CURRICULUM_PACING),) \
+	$(if $(CURRICULUM_START),--curriculum-start $(CURRICULUM_START),) \
+	$(if $(CURRICULUM_SPAN),--curriculum-span $(CURRICULUM_SPAN),)
 teacher_deps = $(if $(filter $(DEFAULT_TEACHER),$(TEACHER)),$(DEFAULT_TEACHER)/embedded.json,)
 dataset_deps = $(if $(findstring $(DEFAULT_CORPUS),$(DATASET)),$(DEFAULT_CORPUS)/train.jsonl,)
 eval_cache_flag = $(if $(wildcard $(EVAL_CACHE)/manifest.json),--eval-cache $(EVAL_CACHE),)
@@ -121,9 +140,10 @@ teacher-cache: $(VENV)/.installed $(teacher_deps) $(dataset_deps)
 		--max-tokens $(EVAL_MAX_TOKENS) $(overwrite_flag) $(TEACHER_ARGS),)
 
 student-train: $(VENV)/.installed
-	$(DISTILL) student-train --cache $(CACHE) --student $(STUDENT) --out $(OUT) \
+	$(DISTILL) student-train $(cache_flags) --student $(STUDENT) --out $(OUT) \
 		--alpha $(ALPHA) --temperature $(TEMPERATURE) --epochs $(EPOCHS) --batch-size $(BATCH) \
-		--lr $(LR) --seed $(SEED) $(loss_flags) $(eval_cache_flag) $(overwrite_flag) $(STUDENT_ARGS)
+		--lr $(LR) --seed $(SEED) $(loss_flags) $(curriculum_flags) $(eval_cache_flag) $(overwrite_flag) \
+		$(STUDENT_ARGS)
 
 # Whole pipeline on the embedded default, then a distilled student beside a
 # cross-entropy-only student trained on the same tokens.

@@ -112,9 +112,9 @@ def bench_teacher(model: torch.nn.Module, batch: torch.Tensor, k: int, repeats: 
 
     def teacher_pass() -> None:
         """Forward, capture and encode (on the pass's encoder threads), as the teacher pass does."""
-        rows = capture_batch(head, batch, spec, 0, chunk)
+        rows, stats = capture_batch(head, batch, spec, 0, chunk)
         with RowEncoder(spec, settings) as encoder:
-            encoder.submit(sequences, rows)
+            encoder.submit(sequences, rows, stats)
             encoded = encoder.drain()
         encoded_bytes.clear()
         encoded_bytes.extend(sum(len(c) for c in cells.values() if isinstance(c, bytes)) for _, cells in encoded)
@@ -144,7 +144,7 @@ def bench_student(student_spec: str, teacher: torch.nn.Module, batch: torch.Tens
     head = models.LMHead(student)
     width = models.logit_width(student.config)
     teacher_head = models.LMHead(teacher)
-    rows = capture_batch(
+    rows, _ = capture_batch(
         teacher_head, batch, CaptureSpec(strategy="topk", k=k), 0, max(1, HEAD_CHUNK_ELEMENTS // width)
     )
     cached = stack_rows(rows)

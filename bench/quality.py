@@ -66,7 +66,7 @@ from pipeline.evaluate import iter_chunk_logits  # noqa: E402
 from pipeline.losses import dense_kl, loss_parts, next_token_labels  # noqa: E402
 from pipeline.metrics import HeldOutMetrics  # noqa: E402
 from pipeline.run_folder import clear_previous_run  # noqa: E402
-from pipeline.student import TrainState, batch_stream, lr_factor, optimizer_step, set_learning_rate, train  # noqa: E402
+from pipeline.student import TrainState, lr_factor, optimizer_step, set_learning_rate, train  # noqa: E402
 from pipeline.student_setup import StudentRun, build_optimizer, prepare_run  # noqa: E402
 from pipeline.teacher import run_teacher_cache  # noqa: E402
 
@@ -338,7 +338,7 @@ def train_from_cache(cfg: StudentTrainConfig) -> torch.nn.Module:
     run = prepare_run(cfg)
     optimizer = build_optimizer(run.model, cfg)
     clear_previous_run(run.plan)
-    train(run, optimizer, TrainState(step=0, rows_seen=0), progress=False)
+    train(run, optimizer, TrainState(step=0, rows_seen=0, temperature=cfg.temperature), progress=False)
     return run.model
 
 
@@ -346,13 +346,13 @@ def train_online(cfg: StudentTrainConfig, teacher: models.LMHead) -> torch.nn.Mo
     """Online distillation: the student pass's setup and loop, with the live teacher's dense KL as the target.
 
     Everything but the target is the cache arms': :func:`prepare_run` (seeded initialisation),
-    :func:`batch_stream` (the same rows in the same order), :func:`build_optimizer`, the
+    :meth:`~pipeline.teachers.OneTeacher.batches` (the same rows in the same order), :func:`build_optimizer`, the
     learning-rate schedule, clipping, and the step's loss ``alpha * KL + (1 - alpha) * CE``.
     """
     run = prepare_run(cfg)
     optimizer = build_optimizer(run.model, cfg)
     clear_previous_run(run.plan)
-    batches = batch_stream(run.cache, cfg.seed, 0, cfg.batch_size, run.device)
+    batches = run.teacher.batches(cfg.seed, 0, cfg.batch_size, run.device)
     run.model.train()
     for step in range(run.total_steps):
         set_learning_rate(optimizer, cfg.lr * lr_factor(step, run.warmup, run.total_steps))

@@ -18,7 +18,10 @@ Position ``t`` holds the teacher's distribution over token ``t + 1``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,12 @@ from pipeline.fingerprint import TokenStreamHasher
 from pipeline.manifest import Manifest, ShardEntry
 from pipeline.rows import SparseRow, stack_numpy
 from pipeline.store.reader import (
+    ShardRows,
     decode_checked_row,
     iter_shard_frames,
     iter_shard_rows,
     read_manifest,
+    read_shard_row_stats,
     tokenizer_file_problems,
 )
 
@@ -55,6 +60,7 @@ class Cache:
         self.path = Path(path)
         self.verify = verify
         self.manifest: Manifest = read_manifest(self.path)
+        self._checked: set[str] = set()  # shards whose hash rows_at has checked
         problems = tokenizer_file_problems(self.path, self.manifest) if verify else []
         if problems:
             raise CacheError(f"'{self.path}': {problems[0]}; the cache is damaged")
@@ -74,6 +80,53 @@ class Cache:
                 f"{self.manifest.token_stream_sha256[:12]}; the cache is damaged"
             )
 
+    def row_stats(self) -> np.ndarray:
+        """``(sequences, 2)`` float32: each row's teacher ``mean_top1_prob`` and ``mean_entropy``
+        (:mod:`pipeline.row_stats`), in sequence order, read from the shards' ``row_stats`` column alone.
+
+        Raises :class:`~pipeline.errors.CacheError` when the cache holds none (written before
+        the statistics existed, or by another writer).
+        """
+        if not self.manifest.has_row_stats:
+            raise CacheError(
+                f"'{self.path}' holds no per-row teacher statistics (it was written before they existed); "
+                "make the cache again with this version's teacher-cache"
+            )
+        return np.concatenate(
+            [read_shard_row_stats(self.path, entry, self.manifest, self.verify) for entry in self.manifest.shards]
+        )
+
+    def rows_at(self, seq_indices: Iterable[int], open_shards: int = 8) -> Iterator[SparseRow]:
+        """The rows of ``seq_indices``, in that order, decoded and checked: random access.
+
+        Up to ``open_shards`` shards stay memory-mapped (the least recently used is closed
+        first); each shard's hash is checked the first time it is opened, when ``verify``.
+        """
+        starts = [entry.first_seq for entry in self.manifest.shards]
+        opened: OrderedDict[int, ShardRows] = OrderedDict()
+        try:
+            for seq_index in seq_indices:
+                if not 0 <= seq_index < len(self):
+                    raise IndexError(f"sequence {seq_index} is outside the cache's {len(self)}")
+                shard_index = bisect.bisect_right(starts, seq_index) - 1
+                entry = self.manifest.shards[shard_index]
+                shard = opened.pop(shard_index, None)
+                if shard is None:
+                    shard = ShardRows(self.path, entry, self.manifest, self.verify and entry.name not in self._checked)
+                    self._checked.add(entry.name)
+                    if len(opened) >= open_shards:
+                        opened.popitem(last=False)[1].close()
+                opened[shard_index] = shard
+                yield decode_checked_row(shard.cells(seq_index - entry.first_seq), self.manifest, entry.name)
+        finally:
+            for shard in opened.values():
+                shard.close()
+
+    def shard_frames(self, shard_index: int) -> list[dict[str, bytes | int]]:
+        """The encoded frames of every row of one shard, in order (the shard checked first when ``verify``)."""
+        entry = self.manifest.shards[shard_index]
+        return [frames for _, frames in iter_shard_frames(self.path, entry, self.manifest, verify=self.verify)]
+
     def shard_rows(self, entry: ShardEntry) -> Iterator[tuple[int, SparseRow]]:
         """``(seq_index, row)`` pairs of one shard."""
         return iter_shard_rows(self.path, entry, self.manifest, verify=self.verify)
@@ -88,22 +141,66 @@ class Cache:
         of that order are skipped without reading their shards or decoding their rows, so a
         resumed run continues where it stopped at the cost of the rows it trains on.
         """
-        generator = np.random.default_rng([seed, epoch])
-        shard_order = generator.permutation(len(self.manifest.shards))
-        wanted = None if shard_subset is None else set(shard_subset)
-        to_skip = start
-        for shard_index in shard_order:
-            if wanted is not None and int(shard_index) not in wanted:
-                continue
-            entry = self.manifest.shards[int(shard_index)]
-            row_order = generator.permutation(entry.rows)  # drawn even when skipped: the order stays the same
-            if to_skip >= entry.rows:
-                to_skip -= entry.rows
-                continue
-            frames = [row for _, row in iter_shard_frames(self.path, entry, self.manifest, verify=self.verify)]
-            for row_index in row_order[to_skip:]:
-                yield decode_checked_row(frames[int(row_index)], self.manifest, entry.name)
-            to_skip = 0
+        for (row,) in aligned_shuffled_rows([self], seed, epoch, shard_subset, start):
+            yield row
+
+
+def aligned_shuffled_rows(
+    caches: list[Cache], seed: int, epoch: int = 0, shard_subset: list[int] | None = None, start: int = 0
+) -> Iterator[tuple[SparseRow, ...]]:
+    """:meth:`Cache.shuffled_rows` of caches that share a shard layout, in step: one row of each, the same
+    sequence, per item (the order is the first cache's, and the same for each).
+
+    The caller checks that the layouts match (:func:`same_layout`); every row's tokens are
+    compared with the first cache's as it is read.
+    """
+    first = caches[0]
+    generator = np.random.default_rng([seed, epoch])
+    shard_order = generator.permutation(len(first.manifest.shards))
+    wanted = None if shard_subset is None else set(shard_subset)
+    to_skip = start
+    for shard_index in shard_order:
+        if wanted is not None and int(shard_index) not in wanted:
+            continue
+        entry = first.manifest.shards[int(shard_index)]
+        row_order = generator.permutation(entry.rows)  # drawn even when skipped: the order stays the same
+        if to_skip >= entry.rows:
+            to_skip -= entry.rows
+            continue
+        frames = [cache.shard_frames(int(shard_index)) for cache in caches]
+        for row_index in row_order[to_skip:]:
+            rows = tuple(
+                decode_checked_row(shard[int(row_index)], cache.manifest, cache.manifest.shards[int(shard_index)].name)
+                for cache, shard in zip(caches, frames)
+            )
+            for cache, row in zip(caches[1:], rows[1:]):
+                if not np.array_equal(row.input_ids, rows[0].input_ids):
+                    raise CacheError(
+                        f"'{cache.path}' holds other tokens than '{first.path}' at sequence "
+                        f"{entry.first_seq + int(row_index)}; the caches do not share a token stream"
+                    )
+            yield rows
+        to_skip = 0
+
+
+def aligned_rows_at(caches: list[Cache], seq_indices: Iterable[int]) -> Iterator[tuple[SparseRow, ...]]:
+    """:meth:`Cache.rows_at` of several caches of one token stream, in step: one row of each per item;
+    every row's tokens are compared with the first cache's as it is read."""
+    *streams, named = itertools.tee(seq_indices, len(caches) + 1)
+    readers = [cache.rows_at(stream) for cache, stream in zip(caches, streams, strict=True)]
+    for seq_index, rows in zip(named, zip(*readers)):
+        for cache, row in zip(caches[1:], rows[1:]):
+            if not np.array_equal(row.input_ids, rows[0].input_ids):
+                raise CacheError(
+                    f"'{cache.path}' holds other tokens than '{caches[0].path}' at sequence {seq_index}; "
+                    "the caches do not share a token stream"
+                )
+        yield rows
+
+
+def same_layout(a: Manifest, b: Manifest) -> bool:
+    """Whether two caches cut the same sequences into the same shards (rows per shard, first sequence)."""
+    return [(s.first_seq, s.rows) for s in a.shards] == [(s.first_seq, s.rows) for s in b.shards]
 
 
 def open_cache(path: str | Path, verify: bool = True) -> Cache:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from pipeline.config import StudentTrainConfig
+from pipeline.config import TEMPERATURE_BOUNDS, StudentTrainConfig
 from pipeline.errors import CacheError, ConfigError, first_line
 from pipeline.store.atomic import fsync_dir, write_bytes_atomic
 
@@ -192,9 +192,10 @@ def restore_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     total_steps: int,
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     """Check a checkpoint against this run and restore it into ``model`` and ``optimizer``; return
-    ``(step, rows_seen)``.
+    ``(step, rows_seen, temperature)``: the temperature ``--adapt-temperature`` had reached
+    (``--temperature`` without it, or in a checkpoint that predates it).
 
     Refused, before anything is restored: settings outside ``RESUME_MAY_CHANGE`` that
     differ, another cache (by its manifest's sha256), a step past ``total_steps``, and a
@@ -228,8 +229,24 @@ def restore_checkpoint(
             total_steps,
             step,
         )
+    temperature = saved_temperature(folder, state, cfg)
     load_checkpoint(folder, model, optimizer, state)
-    return step, rows_seen
+    return step, rows_seen, temperature
+
+
+def saved_temperature(folder: Path, state: dict[str, Any], cfg: StudentTrainConfig) -> float:
+    """The temperature to continue with: ``state.json``'s under ``--adapt-temperature`` (checked to lie
+    within its bounds), else ``--temperature``."""
+    temperature = state.get("temperature", cfg.temperature)
+    if not cfg.adapt_temperature:
+        return cfg.temperature
+    low, high = TEMPERATURE_BOUNDS
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not low <= temperature <= high:
+        raise CacheError(
+            f"checkpoint {folder.name}: {STATE_FILE} field 'temperature' is not a number in [{low:g}, {high:g}]; "
+            f"{RESTART_HINT}"
+        )
+    return float(temperature)
 
 
 def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:

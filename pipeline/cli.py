@@ -13,11 +13,14 @@ import click
 
 from pipeline import codec_v2
 from pipeline.config import (
+    CURRICULA,
+    CURRICULUM_PACINGS,
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     DEFAULT_SHARD_TOKENS,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    ENSEMBLE_MODES,
     LOSSES,
     StudentTrainConfig,
     TeacherCacheConfig,
@@ -164,8 +167,38 @@ def teacher_cache(**options: Any) -> None:
     )
 
 
+def _parse_weights(value: str | None) -> tuple[float, ...] | None:
+    """``--cache-weights 0.7,0.3`` as floats; a malformed list is refused naming the flag."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(piece) for piece in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.7,0.3") from None
+
+
 @main.command("student-train")
-@click.option("--cache", required=True, help="Cache folder written by teacher-cache.")
+@click.option(
+    "--cache",
+    "caches",
+    required=True,
+    multiple=True,
+    help="Cache folder written by teacher-cache; repeat it, with --ensemble, for several teachers of the same data.",
+)
+@click.option(
+    "--ensemble",
+    type=click.Choice(ENSEMBLE_MODES),
+    default=None,
+    help="Distil from the teachers of every --cache at once: the mean of their probabilities, or of their "
+    "log-probabilities (renormalised).",
+)
+@click.option(
+    "--cache-weights",
+    default=None,
+    metavar="W1,W2,...",
+    callback=lambda _ctx, _param, value: _parse_weights(value),
+    help="One weight per --cache of an --ensemble [equal].",
+)
 @click.option(
     "--student", required=True, help="Hub id, folder with weights, or folder/file with a config only (fresh model)."
 )
@@ -203,6 +236,37 @@ def teacher_cache(**options: Any) -> None:
     is_flag=True,
     help="Compare both sides renormalised over the captured ids, without the rest bucket "
     "(the tail is dropped; see docs/losses.md).",
+)
+@click.option(
+    "--adapt-temperature",
+    is_flag=True,
+    help="Lower the temperature (T *= 0.9, not below 1) at each logging step whose KL at T is below 0.01; "
+    "--temperature must lie in [1, 20].",
+)
+@click.option(
+    "--curriculum",
+    type=click.Choice(CURRICULA),
+    default=None,
+    help="Train from the rows the teacher is most confident on towards the least (needs a cache with per-row "
+    "teacher statistics; docs/losses.md).",
+)
+@click.option(
+    "--curriculum-pacing",
+    type=click.Choice(CURRICULUM_PACINGS),
+    default=None,
+    help="How the pool of rows grows: linear, or root (fast early) [root].",
+)
+@click.option(
+    "--curriculum-start",
+    type=float,
+    default=None,
+    help="Fraction of the rows, most confident, in the pool at first [0.2].",
+)
+@click.option(
+    "--curriculum-span",
+    type=float,
+    default=None,
+    help="Fraction of the run's steps after which the pool holds every row [0.5].",
 )
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
@@ -243,15 +307,18 @@ def teacher_cache(**options: Any) -> None:
     "--resume",
     is_flag=True,
     help="Continue from the latest checkpoint in --out with the run's settings; only "
-    + ", ".join(StudentTrainConfig.flag(name) for name in StudentTrainConfig.RESUME_MAY_CHANGE)
+    + ", ".join(dict.fromkeys(StudentTrainConfig.flag(name) for name in StudentTrainConfig.RESUME_MAY_CHANGE))
     + " may differ (a new --max-steps or --epochs changes the learning-rate schedule from there on).",
 )
 @_one_line_errors
-def student_train(student_config: tuple[str, ...], **options: Any) -> None:
+def student_train(student_config: tuple[str, ...], caches: tuple[str, ...], **options: Any) -> None:
     """Train a student from a cache, without loading the teacher."""
     from pipeline.student import run_student_train
 
-    summary = run_student_train(StudentTrainConfig(student_config=tuple(student_config), **options))
+    cfg = StudentTrainConfig(
+        cache=caches[0], ensemble_caches=tuple(caches[1:]), student_config=tuple(student_config), **options
+    )
+    summary = run_student_train(cfg)
     click.echo(
         f"student {summary.out}: {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.1f} s, "
         f"final loss {summary.final_loss:.4f} (built from {summary.student_origin})"
@@ -292,6 +359,8 @@ def inspect_cache(cache: str, as_json: bool) -> None:
         "column_bytes_per_token",
         "mean_ids_per_position",
         "mean_captured_mass",
+        "teacher_mean_top1_prob",
+        "teacher_mean_entropy",
     ):
         click.echo(f"{key:>22}: {_shown(report[key])}")
 

@@ -54,6 +54,9 @@ import zstandard
 from pipeline.capture_spec import CaptureSpec
 from pipeline.codec import decode_array, frame_length, shuffle_bytes, unshuffle_bytes
 from pipeline.errors import CacheError
+from pipeline.row_stats import COLUMN as ROW_STATS_COLUMN
+from pipeline.row_stats import ENCODING as ROW_STATS_ENCODING
+from pipeline.row_stats import KIND as ROW_STATS_KIND
 from pipeline.rows import SparseRow
 
 CODEC_NAME = "sparse-zstd"
@@ -168,8 +171,13 @@ def default_mode(spec: CaptureSpec) -> str:
     return DEFAULT_MODE if spec.strategy in ("topk", "topp") else "quantized"
 
 
-def columns(spec: CaptureSpec, settings: CodecSettings, provenance: bool = True) -> list[dict[str, Any]]:
-    """The column registry for a capture: ``{name, kind, encoding, required}`` per column, in shard order."""
+def columns(
+    spec: CaptureSpec, settings: CodecSettings, provenance: bool = True, row_stats: bool = False
+) -> list[dict[str, Any]]:
+    """The column registry for a capture: ``{name, kind, encoding, required}`` per column, in shard order.
+
+    ``row_stats`` adds the optional per-row teacher statistics (:mod:`pipeline.row_stats`).
+    """
     registry = [_column("input_ids", "tokens", SHUFFLE_U32)]
     if spec.variable_length:
         registry.append(_column("lengths", "lengths", SHUFFLE_U32))
@@ -183,6 +191,8 @@ def columns(spec: CaptureSpec, settings: CodecSettings, provenance: bool = True)
     if provenance:
         registry.append(_column("source_record", "provenance", INT64, required=False))
         registry.append(_column("record_offset", "provenance", INT64, required=False))
+    if row_stats:
+        registry.append(_column(ROW_STATS_COLUMN, ROW_STATS_KIND, ROW_STATS_ENCODING, required=False))
     return registry
 
 

@@ -5,6 +5,7 @@ Error messages name the command-line flag, since that is where users set them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,16 @@ DEFAULT_SHARD_TOKENS = 1 << 18
 # The student pass's distillation losses (``--loss``; see pipeline/losses.py and docs/losses.md).
 LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 LOSSES: tuple[LossName, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+# How --ensemble combines teachers (see pipeline/ensemble.py).
+EnsembleMode = Literal["mean_prob", "mean_logprob"]
+ENSEMBLE_MODES: tuple[EnsembleMode, ...] = ("mean_prob", "mean_logprob")
+# The orders --curriculum knows, and the pacing of its pool (see pipeline/curriculum.py).
+CurriculumName = Literal["confidence"]
+CURRICULA: tuple[CurriculumName, ...] = ("confidence",)
+CURRICULUM_PACINGS = ("linear", "root")
+CURRICULUM_DEFAULTS = {"curriculum_pacing": "root", "curriculum_start": 0.2, "curriculum_span": 0.5}
+# Where --adapt-temperature keeps the temperature.
+TEMPERATURE_BOUNDS = (1.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,7 @@ class StudentTrainConfig:
         "verify",
         "head_chunk",
         "cache",
+        "ensemble_caches",
         "out",
         "resume",
         "overwrite",
@@ -146,6 +158,9 @@ class StudentTrainConfig:
     cache: str
     student: str
     out: str
+    ensemble_caches: tuple[str, ...] = ()
+    ensemble: EnsembleMode | None = None
+    cache_weights: tuple[float, ...] | None = None
     student_config: tuple[str, ...] = field(default_factory=tuple)
     tokenizer: str | None = None
     alpha: float = 0.5
@@ -154,6 +169,11 @@ class StudentTrainConfig:
     beta: float = 0.5
     skew: float = 0.1
     renormalize: bool = False
+    adapt_temperature: bool = False
+    curriculum: CurriculumName | None = None
+    curriculum_pacing: Literal["linear", "root"] | None = None
+    curriculum_start: float | None = None
+    curriculum_span: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
@@ -178,6 +198,14 @@ class StudentTrainConfig:
             raise ConfigError(f"--alpha {self.alpha} must lie in [0, 1]")
         if not self.temperature > 0:
             raise ConfigError(f"--temperature {self.temperature} must be positive")
+        low, high = TEMPERATURE_BOUNDS
+        if self.adapt_temperature and not low <= self.temperature <= high:
+            raise ConfigError(
+                f"--adapt-temperature keeps the temperature within [{low:g}, {high:g}], but --temperature is "
+                f"{self.temperature:g}; start from a temperature in that range"
+            )
+        self._check_ensemble()
+        self._check_curriculum()
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         if not 0.0 <= self.beta <= 1.0:
@@ -209,14 +237,77 @@ class StudentTrainConfig:
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume contradict each other; pick one")
 
+    def _check_ensemble(self) -> None:
+        caches = len(self.caches)
+        if self.ensemble_caches and self.ensemble is None:
+            raise ConfigError(
+                f"--cache given {caches} times without --ensemble; to distil from several teachers' caches of the "
+                "same data add --ensemble mean_prob (or mean_logprob); to train on more data, make one cache of it all"
+            )
+        if self.ensemble is not None and self.ensemble not in ENSEMBLE_MODES:
+            raise ConfigError(f"--ensemble {self.ensemble!r} is not one of {', '.join(ENSEMBLE_MODES)}")
+        if self.ensemble is not None and not self.ensemble_caches:
+            raise ConfigError(f"--ensemble {self.ensemble} needs a --cache for each teacher, at least two; got one")
+        if self.cache_weights is None:
+            return
+        if self.ensemble is None:
+            raise ConfigError("--cache-weights weighs the teachers of an --ensemble; add --ensemble or drop it")
+        if len(self.cache_weights) != caches:
+            raise ConfigError(
+                f"--cache-weights has {len(self.cache_weights)} weights for {caches} --cache; give one each"
+            )
+        if not all(math.isfinite(w) and w >= 0 for w in self.cache_weights) or not sum(self.cache_weights) > 0:
+            raise ConfigError(
+                f"--cache-weights {','.join(f'{w:g}' for w in self.cache_weights)} must be non-negative numbers "
+                "with a positive sum"
+            )
+
+    def _check_curriculum(self) -> None:
+        given = [name for name in CURRICULUM_DEFAULTS if getattr(self, name) is not None]
+        if self.curriculum is None:
+            if given:
+                raise ConfigError(f"{self.flag(given[0])} shapes a curriculum; add --curriculum confidence or drop it")
+            return
+        if self.curriculum not in CURRICULA:
+            raise ConfigError(f"--curriculum {self.curriculum!r} is not one of {', '.join(CURRICULA)}")
+        if self.curriculum_pacing is not None and self.curriculum_pacing not in CURRICULUM_PACINGS:
+            raise ConfigError(
+                f"--curriculum-pacing {self.curriculum_pacing!r} is not one of {', '.join(CURRICULUM_PACINGS)}"
+            )
+        for name in ("curriculum_start", "curriculum_span"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ConfigError(f"{self.flag(name)} {value} must lie in (0, 1]")
+
+    def curriculum_setting(self, name: str) -> Any:
+        """``curriculum_pacing``, ``curriculum_start`` or ``curriculum_span``: as given, else its default."""
+        value = getattr(self, name)
+        return CURRICULUM_DEFAULTS[name] if value is None else value
+
+    @property
+    def caches(self) -> tuple[str, ...]:
+        """Every training cache: ``--cache``, and the ensemble's other teachers' caches."""
+        return (self.cache, *self.ensemble_caches)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The ensemble's weight per cache, normalised to sum to 1 (equal without ``--cache-weights``)."""
+        raw = self.cache_weights or (1.0,) * len(self.caches)
+        return tuple(weight / sum(raw) for weight in raw)
+
     @staticmethod
     def flag(name: str) -> str:
         """The command-line flag that sets field ``name`` (``seed`` -> ``--seed``, ``verify`` -> ``--no-verify``)."""
+        if name == "ensemble_caches":
+            return "--cache"
         return "--no-verify" if name == "verify" else "--" + name.replace("_", "-")
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
         values["student_config"] = list(self.student_config)
+        values["ensemble_caches"] = list(self.ensemble_caches)
+        if self.cache_weights is not None:
+            values["cache_weights"] = list(self.cache_weights)
         return values
 
 

@@ -11,9 +11,10 @@ What the target holds depends on the capture (``docs/losses.md`` has the maths):
 
 - top-k, top-p: the teacher's captured probabilities and its exact rest mass (``k + 1``
   buckets). At temperature 1 the KL over these buckets is exact for what was captured; at
-  another temperature the rest bucket is treated as a single logit ``tail_logmass / T``
-  (an approximation: the tempered tail depends on how the mass is spread over the
-  uncaptured ids, which the cache does not hold).
+  another temperature the tempered rest depends on how the mass is spread over the
+  uncaptured ids, which the cache does not hold: it is taken as spread evenly over them
+  (the maximum-entropy guess, exact at ``T = 1`` and right in the flat limit of high ``T``),
+  or as a single logit ``tail_logmass / T`` when the vocabulary size is not given.
 - sample: ``t_hat = count / N`` over the drawn ids and nothing in the rest bucket, the
   estimator of Anshumann et al. (2025), "Sparse Logit Sampling" (arXiv:2503.16870): the
   gradient ``p_student - t_hat`` is unbiased for the dense KL's. At a student temperature
@@ -42,18 +43,31 @@ from pipeline.errors import CacheError, ConfigError
 Estimator = Literal["buckets", "sampled"]
 
 
-def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def teacher_buckets(
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    temperature: float = 1.0,
+    tail_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Teacher log-probabilities over the ``k + 1`` buckets at ``temperature``.
 
     Args:
         topk_logprobs: ``(N, k)`` float, natural log at temperature 1 (``-inf`` in padding).
-        tail_logmass: ``(N,)`` float, log of the uncaptured mass (``-inf`` if none).
+        tail_logmass: ``(N,)`` float, log of the uncaptured mass ``R`` (``-inf`` if none).
+        tail_ids: ``(N,)`` int, how many ids the tail spreads over (the vocabulary less the
+            captured ids), or ``None``. Given, the tempered tail is ``n^(1 - 1/T) R^(1/T)``:
+            ``R`` spread evenly over its ``n`` ids; ``None`` treats it as one logit, ``R^(1/T)``.
+            The true value lies between the two; at ``T = 1`` all three agree.
 
     Returns:
         ``(N, k + 1)`` float32 log-probabilities summing to 1 (last column: rest).
     """
-    logits = torch.cat([topk_logprobs.float(), tail_logmass.float().unsqueeze(-1)], dim=-1)
-    return torch.log_softmax(logits / temperature, dim=-1)
+    tail = tail_logmass.float() / temperature
+    if tail_ids is not None and temperature != 1.0:
+        spread = torch.log(tail_ids.float()) * (1.0 - 1.0 / temperature)
+        tail = torch.where((tail_ids > 0) & torch.isfinite(tail), tail + spread, float("-inf"))
+    logits = torch.cat([topk_logprobs.float() / temperature, tail.unsqueeze(-1)], dim=-1)
+    return torch.log_softmax(logits, dim=-1)
 
 
 class _FoldedLogSoftmax(torch.autograd.Function):
@@ -217,6 +231,7 @@ def bucket_target(
     logprobs: torch.Tensor,
     tail_logmass: torch.Tensor,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
 ) -> Target:
     """Top-k and top-p: the teacher's captured probabilities and its rest mass at ``temperature``.
 
@@ -225,9 +240,12 @@ def bucket_target(
         valid: ``(N, K)`` bool, or ``None`` when every slot is valid.
         logprobs: ``(N, K)`` float, teacher log-probabilities at temperature 1.
         tail_logmass: ``(N,)`` float, log of the teacher's mass outside the valid ids.
+        vocab_size: the teacher's logit width (``manifest.logit_width``): at ``T != 1`` the
+            tail is tempered as spread evenly over the uncaptured ids (:func:`teacher_buckets`).
     """
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
-    buckets = teacher_buckets(_masked(logprobs, valid), tail_logmass, temperature)
+    tail_ids = None if vocab_size is None else (vocab_size - valid.sum(dim=-1)).clamp_min(0)
+    buckets = teacher_buckets(_masked(logprobs, valid), tail_logmass, temperature, tail_ids)
     return Target(_padding_at_first_id(ids, valid), buckets[:, :-1], buckets[:, -1], temperature, "buckets")
 
 
@@ -367,7 +385,9 @@ def evaluation_temperature(capture: CaptureSpec) -> float:
     return float(capture.sample_temperature or 1.0)
 
 
-def targets_from_batch(batch: dict[str, torch.Tensor], capture: CaptureSpec, temperature: float = 1.0) -> Target:
+def targets_from_batch(
+    batch: dict[str, torch.Tensor], capture: CaptureSpec, temperature: float = 1.0, vocab_size: int | None = None
+) -> Target:
     """The distillation target of a batch, flattened to ``N = B * T`` positions in row-major order.
 
     Args:
@@ -377,6 +397,8 @@ def targets_from_batch(batch: dict[str, torch.Tensor], capture: CaptureSpec, tem
             ``counts (B, T, K)`` int32.
         capture: the cache's capture strategy (``cache.manifest.capture``).
         temperature: the distillation temperature (``--temperature``).
+        vocab_size: the teacher's logit width, for the tempered tail of top-k and top-p
+            targets (:func:`bucket_target`); ``None`` tempers the tail as one logit.
 
     Raises:
         ConfigError: the loss does not fit the capture (:func:`target_problem`).
@@ -397,7 +419,7 @@ def targets_from_batch(batch: dict[str, torch.Tensor], capture: CaptureSpec, tem
 
     sample_temperature = capture.sample_temperature or 1.0
     if capture.strategy in ("topk", "topp"):
-        return bucket_target(ids, valid, field("logprobs"), field("tail_logmass"), temperature)
+        return bucket_target(ids, valid, field("logprobs"), field("tail_logmass"), temperature, vocab_size)
     if capture.strategy == "sample":
         logprobs = field("logprobs", needed=capture.has_logprobs)
         return sampled_target(ids, valid, field("counts"), logprobs, temperature, sample_temperature)

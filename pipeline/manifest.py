@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import codec
+import numpy as np
+
+from pipeline import codec, row_stats
 from pipeline.capture_spec import MAX_SAMPLES, STRATEGIES, CaptureSpec
 from pipeline.errors import CacheError
 
@@ -70,9 +72,10 @@ class ShardEntry:
     bytes: int
     sha256: str
     first_seq: int
+    row_stats: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        entry: dict[str, Any] = {
             "name": self.name,
             "rows": self.rows,
             "tokens": self.tokens,
@@ -80,6 +83,9 @@ class ShardEntry:
             "sha256": self.sha256,
             "first_seq": self.first_seq,
         }
+        if self.row_stats is not None:
+            entry["row_stats"] = dict(self.row_stats)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,15 @@ class Manifest:
     @property
     def bytes(self) -> int:
         return sum(shard.bytes for shard in self.shards)
+
+    @property
+    def has_row_stats(self) -> bool:
+        """Whether the shards hold the per-row teacher statistics (:mod:`pipeline.row_stats`) and list their
+        summaries."""
+        registered = any(
+            (column.name, column.encoding) == (row_stats.COLUMN, row_stats.ENCODING) for column in self.columns
+        )
+        return registered and all(shard.row_stats is not None for shard in self.shards)
 
 
 def content_checksum(manifest: dict[str, Any]) -> str:
@@ -308,7 +323,7 @@ def parse_manifest(data: bytes) -> Manifest:
     _field(dataset, "text_column", str, "dataset.")
     _int_in(dataset, "max_tokens", "dataset.", 1, 2**63 - 1, nullable=True)
     token_stream = _hex(dataset, "token_stream_sha256", "dataset.")
-    shards = _shards(_field(raw, "shards", list, ""), seq_len, rows_per_shard)
+    shards = _shards(_field(raw, "shards", list, ""), seq_len, rows_per_shard, width)
     totals = _field(raw, "totals", dict, "")
     checks = (
         ("sequences", sum(s.rows for s in shards)),
@@ -463,7 +478,7 @@ def _tokenizer_files(items: list[Any]) -> tuple[TokenizerFile, ...]:
     return tuple(files)
 
 
-def _shards(items: list[Any], seq_len: int, rows_per_shard: int) -> list[ShardEntry]:
+def _shards(items: list[Any], seq_len: int, rows_per_shard: int, logit_width: int) -> list[ShardEntry]:
     if not items:
         raise CacheError("manifest lists no shards; the cache is empty")
     if len(items) > MAX_SHARDS:
@@ -492,5 +507,22 @@ def _shards(items: list[Any], seq_len: int, rows_per_shard: int) -> list[ShardEn
         if not HEX64.fullmatch(digest):
             raise CacheError(f"manifest: shard '{name}' sha256 is not 64 hex digits")
         size = _int_in(item, "bytes", where, 1, MAX_SHARD_BYTES)
-        shards.append(ShardEntry(name=name, rows=rows, tokens=tokens, bytes=size, sha256=digest, first_seq=first_seq))
+        stats = _shard_row_stats(item, where, logit_width) if "row_stats" in item else None
+        entry = ShardEntry(
+            name=name, rows=rows, tokens=tokens, bytes=size, sha256=digest, first_seq=first_seq, row_stats=stats
+        )
+        shards.append(entry)
     return shards
+
+
+def _shard_row_stats(item: dict[str, Any], where: str, logit_width: int) -> dict[str, float]:
+    """A shard entry's optional ``row_stats`` summary: each field a number in its range."""
+    stats = _field(item, "row_stats", dict, where)
+    values = {}
+    for name in row_stats.FIELDS:
+        value = stats.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CacheError(f"manifest: {where}row_stats.{name} is missing or not a number")
+        values[name] = float(value)
+    row_stats.check_values(np.array([[values[name] for name in row_stats.FIELDS]]), logit_width, f"manifest {where}")
+    return values

@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.capture_spec import CaptureSpec
+from pipeline.config import TEMPERATURE_BOUNDS
 from pipeline.divergences import bucket_kl
-from pipeline.losses import Target, folded_log_softmax, padding_slots, target_problem, targets_from_batch
+from pipeline.losses import Target, folded_log_softmax, padding_slots
+
+if TYPE_CHECKING:
+    from pipeline.teachers import TeacherSource
 
 # Defaults of the warnings (documented in docs/losses.md, "Monitoring").
 LOW_KL = 0.01
 LOW_KL_PATIENCE = 3
 PLATEAU_WINDOW = 10
+
+# ``--adapt-temperature``: the classic rule on the KL at the training temperature.
+ADAPT_FACTOR = 0.9
 
 # What a logging step adds to ``metrics.jsonl`` (each where it can be measured).
 MONITOR_FIELDS = ("kl_t1", "kl_t", "teacher_entropy", "student_entropy", "top1_agreement")
@@ -107,22 +114,23 @@ class MonitorSums:
 
 
 def monitor_targets(
-    batch: dict[str, torch.Tensor],
-    capture: CaptureSpec,
+    batch: dict[str, Any],
+    teacher: TeacherSource,
     temperature: float,
     training_target: Target | None = None,
 ) -> tuple[Target | None, Target | None]:
-    """The batch's targets at temperature 1 and at ``temperature``, each ``None`` where the capture refuses it.
+    """The batch's targets at temperature 1 and at ``temperature``, each ``None`` where the teacher's
+    caches refuse it.
 
     ``training_target`` (the loss's own, at ``temperature``) is reused rather than rebuilt;
     at ``temperature`` 1 both are the same target.
     """
     at_t = training_target
-    if at_t is None and target_problem(capture, temperature) is None:
-        at_t = targets_from_batch(batch, capture, temperature)
+    if at_t is None and teacher.problem(temperature) is None:
+        at_t = teacher.target(batch, temperature)
     if temperature == 1.0:
         return at_t, at_t
-    at_t1 = targets_from_batch(batch, capture, 1.0) if target_problem(capture, 1.0) is None else None
+    at_t1 = teacher.target(batch, 1.0) if teacher.problem(1.0) is None else None
     return at_t1, at_t
 
 
@@ -176,12 +184,14 @@ class MonitorWarnings:
 
     Attributes:
         temperature: the training temperature (``--temperature``), named in the warning.
+        adapting: ``--adapt-temperature`` is on: it answers a vanishing KL, so no warning.
         low_kl: KL at the training temperature below which a logging step counts as low.
         low_kl_patience: consecutive low logging steps before warning.
         plateau_window: logging steps without a new minimum of ``loss`` before warning.
     """
 
     temperature: float
+    adapting: bool = False
     low_kl: float = LOW_KL
     low_kl_patience: int = LOW_KL_PATIENCE
     plateau_window: int = PLATEAU_WINDOW
@@ -196,7 +206,7 @@ class MonitorWarnings:
         warnings = []
         kl = record.get("kl_t")
         self.low_kl_streak = self.low_kl_streak + 1 if isinstance(kl, float) and kl < self.low_kl else 0
-        if self.low_kl_streak >= self.low_kl_patience and "low_kl" not in self.fired:
+        if self.low_kl_streak >= self.low_kl_patience and not self.adapting and "low_kl" not in self.fired:
             self.fired.add("low_kl")
             warnings.append(
                 f"temperature too high? KL at T={self.temperature:g} is {kl:.3g} (below {self.low_kl:g} for "
@@ -216,3 +226,30 @@ class MonitorWarnings:
                 f"step {self.best_step}); lower --lr, or stop sooner with --max-steps"
             )
         return warnings
+
+
+@dataclass
+class TemperatureSchedule:
+    """``--adapt-temperature``: ``T *= 0.9`` at each logging step whose KL at ``T`` is below 0.01, never below 1.
+
+    The rule is memoryless, so the current ``temperature`` is all a checkpoint needs to
+    continue it. :meth:`update` takes each ``metrics.jsonl`` record and returns the new
+    temperature, or ``None`` when it keeps the current one; it does no I/O.
+
+    Attributes:
+        temperature: the current temperature, within :data:`TEMPERATURE_BOUNDS`.
+        low_kl: the KL below which the temperature is lowered.
+        factor: what a lowering multiplies the temperature by.
+    """
+
+    temperature: float
+    low_kl: float = LOW_KL
+    factor: float = ADAPT_FACTOR
+
+    def update(self, record: dict[str, object]) -> float | None:
+        kl = record.get("kl_t")
+        low, _ = TEMPERATURE_BOUNDS
+        if not isinstance(kl, float) or kl >= self.low_kl or self.temperature <= low:
+            return None
+        self.temperature = max(low, self.temperature * self.factor)
+        return self.temperature

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import codec_v2, paths
+from pipeline import codec_v2, paths, row_stats
 from pipeline.capture_spec import CaptureSpec
 from pipeline.codec_v2 import MAX_LOGPROB_STEP, MAX_SQRT_STEP, CodecSettings
 from pipeline.config import RecodeConfig
@@ -119,7 +119,8 @@ class RecodePlan:
     """What a recode decided from SRC's manifest and the flags, before anything is written.
 
     ``header`` is DST's manifest without its results (what the journal records and a
-    resumed or repeated recode must find again).
+    resumed or repeated recode must find again). ``provenance`` and ``row_stats``: SRC's
+    optional columns of those names are carried over.
     """
 
     source: Manifest
@@ -128,6 +129,7 @@ class RecodePlan:
     settings: CodecSettings
     provenance: bool
     header: dict[str, Any]
+    row_stats: bool = False
 
 
 # ---------------------------------------------------------------------------- decisions (pure)
@@ -250,7 +252,9 @@ def target_capture(top_k: int | None, spec: CaptureSpec) -> CaptureSpec:
     return dataclasses.replace(spec, max_k=top_k, min_k=min(int(spec.min_k), top_k))
 
 
-def recode_header(source: Manifest, spec: CaptureSpec, settings: CodecSettings, provenance: bool) -> dict[str, Any]:
+def recode_header(
+    source: Manifest, spec: CaptureSpec, settings: CodecSettings, provenance: bool, with_row_stats: bool = False
+) -> dict[str, Any]:
     """DST's manifest without its results: SRC's carried sections plus the new codec, capture and columns."""
     settings_part = header_of(source.raw)
     dropped = sorted(set(settings_part) - set(CARRIED_SECTIONS) - set(REWRITTEN_SECTIONS))
@@ -261,7 +265,7 @@ def recode_header(source: Manifest, spec: CaptureSpec, settings: CodecSettings, 
         format_version=FORMAT_VERSION,
         codec=settings.to_json(),
         capture={**copy.deepcopy(source.raw["capture"]), **spec.to_json()},
-        columns=codec_v2.columns(spec, settings, provenance=provenance),
+        columns=codec_v2.columns(spec, settings, provenance=provenance, row_stats=with_row_stats),
         recoded_from={
             "manifest_sha256": source.raw[CHECKSUM_FIELD],
             "codec": copy.deepcopy(source.codec),
@@ -280,8 +284,8 @@ def plan_recode(cfg: RecodeConfig, source: Manifest) -> RecodePlan:
     unknown = [column.name for column in source.columns if column.name not in reader.read_columns(source)]
     if unknown:
         log.warning("the source's optional column(s) %s are unknown here and not carried over", ", ".join(unknown))
-    header = recode_header(source, spec, settings, provenance)
-    return RecodePlan(source, source_settings, spec, settings, provenance, header)
+    header = recode_header(source, spec, settings, provenance, source.has_row_stats)
+    return RecodePlan(source, source_settings, spec, settings, provenance, header, source.has_row_stats)
 
 
 # ---------------------------------------------------------------------------- row math (pure)
@@ -472,6 +476,10 @@ def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardE
                     if plan.provenance:
                         for name in codec_v2.PROVENANCE_COLUMNS:
                             recoded[name] = cells[name]
+                    if plan.row_stats:
+                        cell = cells[row_stats.COLUMN]
+                        row_stats.decode_cells([cell], source.logit_width, f"shard '{entry.name}'")  # type: ignore[list-item]
+                        recoded[row_stats.COLUMN] = cell
                     shard_writer.add(seq_index, recoded, source.seq_len)
                 if not done:
                     bar.update(entry.tokens)

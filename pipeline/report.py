@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline import row_stats
 from pipeline.cache import open_cache
 from pipeline.errors import CacheError
 from pipeline.fingerprint import TokenStreamHasher
+from pipeline.manifest import Manifest, ShardEntry
 from pipeline.store.reader import (
     check_shard,
     decode_checked_row,
     iter_shard_frames,
     iter_shard_rows,
     read_manifest,
+    read_shard_row_stats,
     tokenizer_file_problems,
 )
 
@@ -62,14 +66,38 @@ def cache_report(path: str | Path) -> dict[str, Any]:
         "column_bytes_per_token": {name: size / tokens for name, size in column_bytes.items()},
         "mean_ids_per_position": ids_sum / max(positions, 1),
         "mean_captured_mass": captured_sum / max(positions, 1) if manifest.capture.has_logprobs else None,
+        **teacher_confidence(manifest),
+    }
+
+
+def row_stats_problems(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> list[str]:
+    """A shard's ``row_stats`` column against the summary its manifest entry lists (reads the column alone)."""
+    values = read_shard_row_stats(cache_dir, entry, manifest, verify=False)
+    own = row_stats.shard_summary(values)
+    listed = entry.row_stats or {}
+    if all(abs(own[name] - listed.get(name, math.inf)) <= 1e-5 for name in own):
+        return []
+    return [f"shard '{entry.name}': its row_stats column averages {own}, the manifest lists {listed}"]
+
+
+def teacher_confidence(manifest: Manifest) -> dict[str, float | None]:
+    """The teacher's mean top-1 probability and entropy over the cache, from the shards' ``row_stats``
+    summaries in the manifest (``None`` for caches without them)."""
+    if not manifest.has_row_stats:
+        return {"teacher_mean_top1_prob": None, "teacher_mean_entropy": None}
+    rows = sum(entry.rows for entry in manifest.shards)
+    return {
+        f"teacher_{name}": sum(entry.rows * entry.row_stats[name] for entry in manifest.shards) / rows  # type: ignore[index]
+        for name in ("mean_top1_prob", "mean_entropy")
     }
 
 
 def verify_report(path: str | Path, deep: bool = False) -> tuple[list[str], int]:
     """Every problem found (shards and tokenizer files), and how many shards (or, with ``deep``, rows) were checked.
 
-    ``deep`` also decodes every row of every intact shard, checks its ids and values, and,
-    when every shard reads, recomputes the token stream's sha256.
+    ``deep`` also decodes every row of every intact shard, checks its ids and values and its
+    ``row_stats`` cell against the shard's summary, and, when every shard reads, recomputes the
+    token stream's sha256.
     """
     cache_dir = Path(path)
     manifest = read_manifest(cache_dir)
@@ -83,6 +111,8 @@ def verify_report(path: str | Path, deep: bool = False) -> tuple[list[str], int]
                 for _, row in iter_shard_rows(cache_dir, entry, manifest, verify=False):
                     hasher.update(row.input_ids)
                     rows += 1
+                if manifest.has_row_stats:
+                    problems += row_stats_problems(cache_dir, entry, manifest)
         except CacheError as exc:
             problems.append(str(exc))
     if deep and not problems and hasher.hexdigest() != manifest.token_stream_sha256:

@@ -12,7 +12,6 @@ evaluate, record).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -20,23 +19,29 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from pipeline import models
-from pipeline.cache import Cache, stack_rows
 from pipeline.capture_spec import CaptureSpec
 from pipeline.checkpoint import restore_checkpoint, save_checkpoint
 from pipeline.config import StudentTrainConfig
 from pipeline.evaluate import evaluate, iter_chunk_logits
-from pipeline.losses import FORWARD_KL, Divergence, loss_parts, next_token_labels, targets_from_batch
-from pipeline.monitor import MONITOR_FIELDS, MonitorSums, MonitorWarnings, add_chunk_stats, monitor_targets
-from pipeline.rows import SparseRow
+from pipeline.losses import FORWARD_KL, Divergence, loss_parts, next_token_labels
+from pipeline.monitor import (
+    MONITOR_FIELDS,
+    MonitorSums,
+    MonitorWarnings,
+    TemperatureSchedule,
+    add_chunk_stats,
+    monitor_targets,
+)
 from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_previous_run, save_student
 from pipeline.store.atomic import write_bytes_atomic
 from pipeline.student_setup import StudentRun, build_optimizer, prepare_run
+from pipeline.teachers import CaptureTeacher, TeacherSource
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +64,13 @@ class TrainSummary:
 
 @dataclass
 class TrainState:
-    """Where the loop stands: ``step`` and ``rows_seen`` over the whole run (resumes included),
-    ``tokens`` trained in this invocation, the last step's losses, the current throughput window."""
+    """Where the loop stands: ``step`` and ``rows_seen`` over the whole run (resumes included), the
+    distillation ``temperature`` (which ``--adapt-temperature`` lowers), ``tokens`` trained in this
+    invocation, the last step's losses, the current throughput window."""
 
     step: int
     rows_seen: int
+    temperature: float
     tokens: int = 0
     last: dict[str, float] = field(default_factory=lambda: {"loss": float("nan")})
     window_start: float = field(default_factory=time.time)
@@ -90,11 +97,13 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
 def resume_position(run: StudentRun, optimizer: torch.optim.Optimizer) -> TrainState:
     """Step 0, or the checkpoint's step and rows read, restored into the model and optimizer (``--resume``)."""
     if run.plan.resume_from is None:
-        return TrainState(step=0, rows_seen=0)
-    step, rows_seen = restore_checkpoint(
+        return TrainState(step=0, rows_seen=0, temperature=run.cfg.temperature)
+    step, rows_seen, temperature = restore_checkpoint(
         run.plan.resume_from, run.cfg, run.manifest_sha256, run.model, optimizer, run.total_steps
     )
-    return TrainState(step=step, rows_seen=rows_seen)
+    if temperature != run.cfg.temperature:
+        log.info("--adapt-temperature: continuing at T=%.4g, where the checkpoint left it", temperature)
+    return TrainState(step=step, rows_seen=rows_seen, temperature=temperature)
 
 
 def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, progress: bool) -> TrainState:
@@ -103,10 +112,11 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
     The data order continues where ``state`` stopped, so a resumed run reads what the
     uninterrupted one would have. Logging steps also measure the monitors
     (:mod:`pipeline.monitor`), and :class:`~pipeline.monitor.MonitorWarnings` logs a warning
-    when the KL vanishes or the loss stops falling.
+    when the KL vanishes or the loss stops falling; with ``--adapt-temperature``,
+    :class:`~pipeline.monitor.TemperatureSchedule` lowers the temperature while the KL is vanishing.
     """
     cfg = run.cfg
-    batches = batch_stream(run.cache, cfg.seed, state.rows_seen, cfg.batch_size, run.device)
+    batches = run.teacher.batches(cfg.seed, state.rows_seen, cfg.batch_size, run.device, run.order)
     run.model.train()
     bar = tqdm(
         total=run.total_steps,
@@ -116,24 +126,46 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
         disable=None if progress else True,
         mininterval=1.0,
     )
-    warnings = MonitorWarnings(cfg.temperature)
+    warnings = MonitorWarnings(state.temperature, adapting=cfg.adapt_temperature)
+    schedule = TemperatureSchedule(state.temperature) if cfg.adapt_temperature else None
     with open(run.plan.out / METRICS_NAME, "a") as metrics_file, bar:
         while state.step < run.total_steps:
             set_learning_rate(optimizer, cfg.lr * lr_factor(state.step, run.warmup, run.total_steps))
             logging_step = is_logging_step(state.step + 1, cfg.log_every, run.total_steps)
-            losses = accumulate_gradients(run, batches, monitor=logging_step)
+            losses = accumulate_gradients(run, batches, state.temperature, monitor=logging_step)
             optimizer_step(run.model, optimizer, cfg.max_grad_norm)
             advance(state, run, losses)
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.3f}")
             if logging_step:
-                record = write_metrics(metrics_file, state, run, optimizer)
+                record = metrics_record(state, run, optimizer)
                 for message in warnings.update(record):
                     log.warning(message)
+                if schedule is not None:
+                    adapt_temperature(schedule, record, state)
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps:
                 save_checkpoint(run.plan.out, state.step, run.model, optimizer, trainer_state(run, state))
     run.model.eval()
     return state
+
+
+def adapt_temperature(schedule: TemperatureSchedule, record: dict[str, Any], state: TrainState) -> None:
+    """Apply ``--adapt-temperature`` to a logging step's record: a lowered temperature is logged, added
+    to the record as ``temperature_next`` and used from the next step on."""
+    lowered = schedule.update(record)
+    if lowered is None:
+        return
+    log.info(
+        "--adapt-temperature: KL at T=%.4g is %.3g (below %g): temperature lowered to %.4g",
+        state.temperature,
+        record["kl_t"],
+        schedule.low_kl,
+        lowered,
+    )
+    record["temperature_next"] = lowered
+    state.temperature = lowered
 
 
 def is_logging_step(step: int, log_every: int, total_steps: int) -> bool:
@@ -142,9 +174,9 @@ def is_logging_step(step: int, log_every: int, total_steps: int) -> bool:
 
 
 def accumulate_gradients(
-    run: StudentRun, batches: Iterator[dict[str, torch.Tensor]], monitor: bool = False
+    run: StudentRun, batches: Iterator[dict[str, torch.Tensor]], temperature: float, monitor: bool = False
 ) -> dict[str, float]:
-    """Forward and backward ``--grad-accum`` micro-batches; their mean ``loss``, ``kd`` and ``ce``.
+    """Forward and backward ``--grad-accum`` micro-batches at ``temperature``; their mean ``loss``, ``kd`` and ``ce``.
 
     With ``monitor``, also the monitors of :meth:`pipeline.monitor.MonitorSums.means`
     (``kl_t1``, ``kl_t``, entropies, ``top1_agreement``), averaged over every position of the step.
@@ -157,11 +189,11 @@ def accumulate_gradients(
             run.head,
             next(batches),
             cfg.alpha,
-            cfg.temperature,
+            temperature,
             run.chunk_positions,
             1 / cfg.grad_accum,
             run.autocast,
-            run.capture,
+            run.teacher,
             Divergence(cfg.loss, cfg.beta, cfg.skew, cfg.renormalize),
             stats,
         )
@@ -178,16 +210,19 @@ def train_step_loss(
     chunk_positions: int,
     scale: float,
     autocast: torch.autocast | None,
-    capture: CaptureSpec = TOPK_CAPTURE,
+    teacher: TeacherSource | CaptureSpec = TOPK_CAPTURE,
     divergence: Divergence = FORWARD_KL,
     stats: MonitorSums | None = None,
 ) -> dict[str, float]:
     """Forward and backward of one micro-batch; gradients accumulate, scaled by ``scale``.
 
     Args:
-        batch: as :func:`pipeline.cache.stack_rows` builds it, from a cache of ``capture``.
+        batch: from ``teacher.batches`` (for a capture: as :func:`pipeline.cache.stack_rows`
+            builds it from a cache of that capture).
         alpha: weight of the distillation term (``1 - alpha`` on cross-entropy); at 0 no
             target is built.
+        teacher: what builds the target (:mod:`pipeline.teachers`), or a cache's capture
+            (the tail then tempered as one logit: :func:`pipeline.losses.teacher_buckets`).
         divergence: the distillation loss (``--loss``).
         stats: where to add the monitors (:func:`pipeline.monitor.add_chunk_stats`), measured
             under ``torch.no_grad`` on the same chunk logits; ``None`` skips them.
@@ -198,8 +233,10 @@ def train_step_loss(
     """
     input_ids = batch["input_ids"]
     labels = next_token_labels(input_ids).reshape(-1)
-    target = targets_from_batch(batch, capture, temperature) if alpha > 0 else None
-    target_t1, target_t = monitor_targets(batch, capture, temperature, target) if stats is not None else (None, None)
+    if isinstance(teacher, CaptureSpec):
+        teacher = CaptureTeacher(teacher)
+    target = teacher.target(batch, temperature) if alpha > 0 else None
+    target_t1, target_t = monitor_targets(batch, teacher, temperature, target) if stats is not None else (None, None)
     with autocast or nullcontext():
         hidden = head.hidden_states(input_ids)
     flat = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_(True)
@@ -255,11 +292,9 @@ def advance(state: TrainState, run: StudentRun, losses: dict[str, float]) -> Non
     state.last = losses
 
 
-def write_metrics(
-    metrics_file: IO[str], state: TrainState, run: StudentRun, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Append a line to ``metrics.jsonl`` and return it: the last step's losses and monitors (those it
-    measured), learning rate, throughput since the last line."""
+def metrics_record(state: TrainState, run: StudentRun, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of a logging step: the last step's losses, temperature and monitors
+    (those it measured), learning rate, throughput since the last line."""
     now = time.time()
     kd = state.last["kd"]
     record = {
@@ -268,19 +303,24 @@ def write_metrics(
         "loss": state.last["loss"],
         "kd": None if math.isnan(kd) else kd,
         "ce": state.last["ce"],
+        "temperature": state.temperature,
+        **({} if run.order is None else {"curriculum_pool": run.order.pool_size(state.step - 1) / len(run.cache)}),
         **{name: value for name, value in state.last.items() if name in MONITOR_FIELDS},
         "lr": optimizer.param_groups[0]["lr"],
         "tokens_per_s": state.window_tokens / max(now - state.window_start, 1e-9),
     }
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
     state.window_start, state.window_tokens = now, 0
     return record
 
 
 def trainer_state(run: StudentRun, state: TrainState) -> dict[str, Any]:
     """What a checkpoint records besides weights and optimizer: rows read, the settings, the cache's identity."""
-    return {"rows_seen": state.rows_seen, "config": run.cfg.to_json(), "cache_manifest_sha256": run.manifest_sha256}
+    return {
+        "rows_seen": state.rows_seen,
+        "temperature": state.temperature,
+        "config": run.cfg.to_json(),
+        "cache_manifest_sha256": run.manifest_sha256,
+    }
 
 
 def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSummary:
@@ -315,25 +355,3 @@ def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSumma
         student_origin=run.origin,
         eval=results,
     )
-
-
-def batch_stream(
-    cache: Cache, seed: int, start: int, batch_size: int, device: torch.device
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of ``batch_size`` rows (:func:`pipeline.cache.stack_rows`) from the ``start``-th row of the
-    seeded order on, forever."""
-    rows = row_stream(cache, seed, start)
-    while True:
-        yield stack_rows([row for _, row in itertools.islice(rows, batch_size)], device)
-
-
-def row_stream(cache: Cache, seed: int, start: int = 0) -> Iterator[tuple[int, SparseRow]]:
-    """``(epoch, row)`` forever, reshuffled each epoch with ``(seed, epoch)``, from the ``start``-th row on.
-
-    Whole epochs before ``start`` are skipped without reading; within its epoch the cache
-    skips the rows before it without decoding them.
-    """
-    first_epoch, skip = divmod(start, len(cache))
-    for epoch in itertools.count(first_epoch):
-        for row in cache.shuffled_rows(seed, epoch, start=skip if epoch == first_epoch else 0):
-            yield epoch, row

@@ -13,18 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import models
 from pipeline.cache import Cache, open_cache
 from pipeline.cache_tokenizer import load_cache_tokenizer
-from pipeline.capture_spec import CaptureSpec
-from pipeline.config import StudentTrainConfig
+from pipeline.config import TEMPERATURE_BOUNDS, StudentTrainConfig
+from pipeline.curriculum import CurriculumOrder, Pacing, confidence_ranking
 from pipeline.errors import ConfigError, TokenizerMismatchError, first_line
 from pipeline.evaluate import head_chunk_positions
-from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.losses import Divergence, check_target_fits
+from pipeline.fingerprint import tokenizer_fingerprint
+from pipeline.losses import Divergence
 from pipeline.run_folder import OutputPlan, check_output
+from pipeline.teachers import OneTeacher, TeacherEnsemble, TeacherSource, check_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ class StudentRun:
     Attributes:
         cfg: the settings.
         plan: what ``--out`` holds and what the run does with it.
-        cache, eval_cache: the training cache and the optional held-out one.
+        cache, eval_cache: the training cache (the first ``--cache`` of an ensemble) and the optional
+            held-out one.
+        teacher: where the distillation target comes from: the cache, or the ensemble of caches.
         tokenizer, tokenizer_origin: the tokenizer saved with the student, and where it came from.
         model, origin: the student, and whether it came from a config or pretrained weights.
         head: the student split into backbone and LM head, for the chunked head.
@@ -46,13 +50,16 @@ class StudentRun:
         chunk_positions: positions per LM-head chunk.
         autocast: bf16 autocast on CUDA, else ``None``.
         total_steps, warmup: the learning-rate schedule's length and warm-up.
-        manifest_sha256: the training cache's identity, recorded in checkpoints.
+        order: the rows each micro-batch reads under ``--curriculum``, else ``None`` (shuffled epochs).
+        manifest_sha256: the training caches' identity (:meth:`~pipeline.teachers.TeacherSource.identity`),
+            recorded in checkpoints.
     """
 
     cfg: StudentTrainConfig
     plan: OutputPlan
     cache: Cache
     eval_cache: Cache | None
+    teacher: TeacherSource
     tokenizer: Any
     tokenizer_origin: str
     model: torch.nn.Module
@@ -64,28 +71,25 @@ class StudentRun:
     total_steps: int
     warmup: int
     manifest_sha256: str
+    order: CurriculumOrder | None = None
 
     @property
     def rows_per_step(self) -> int:
         """Rows read per optimizer step: ``--batch-size x --grad-accum``."""
         return self.cfg.batch_size * self.cfg.grad_accum
 
-    @property
-    def capture(self) -> CaptureSpec:
-        """The training cache's capture strategy, which decides the distillation target."""
-        return self.cache.manifest.capture
-
 
 def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
     """Open and check everything the run needs; nothing is written."""
     plan = check_output(cfg)
     torch.manual_seed(cfg.seed)
-    cache, eval_cache = open_caches(cfg)
+    teacher, eval_cache = open_caches(cfg)
+    cache = teacher.caches[0]
     tokenizer, tokenizer_origin = resolve_student_tokenizer(cfg, cache)
     if eval_cache is not None:
         check_tokenizer_matches(tokenizer, tokenizer_origin, eval_cache, "--eval-cache")
     device = models.pick_device(cfg.device)
-    model, origin = load_checked_student(cfg, cache, eval_cache, device)
+    model, origin = load_checked_student(cfg, teacher.caches, eval_cache, device)
     log.info(
         "student %s: %s, %s parameters, on %s; tokenizer from %s",
         cfg.student,
@@ -95,11 +99,13 @@ def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
         tokenizer_origin,
     )
     total_steps = planned_steps(cfg, len(cache))
+    order = curriculum_order(cfg, teacher, total_steps) if cfg.curriculum else None
     return StudentRun(
         cfg=cfg,
         plan=plan,
         cache=cache,
         eval_cache=eval_cache,
+        teacher=teacher,
         tokenizer=tokenizer,
         tokenizer_origin=tokenizer_origin,
         model=model,
@@ -110,37 +116,87 @@ def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
         total_steps=total_steps,
         warmup=cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20),
-        manifest_sha256=cache_manifest_sha256(cache),
+        manifest_sha256=teacher.identity(),
+        order=order,
     )
 
 
-def open_caches(cfg: StudentTrainConfig) -> tuple[Cache, Cache | None]:
-    """``--cache`` and ``--eval-cache``, with the distillation loss checked against the training capture.
+def curriculum_order(cfg: StudentTrainConfig, teacher: TeacherSource, total_steps: int) -> CurriculumOrder:
+    """``--curriculum confidence``: the rows ranked by the teacher's confidence (an ensemble's: the weighted
+    mean of its teachers'), paced over the run; refused, in one line, for caches without the statistics."""
+    stats = []
+    for cache in teacher.caches:
+        if not cache.manifest.has_row_stats:
+            raise ConfigError(
+                f"--curriculum confidence needs the teacher's per-row statistics, which '{cache.path}' lacks (it "
+                "was made before they existed); make the cache again with teacher-cache, or drop --curriculum"
+            )
+        stats.append(cache.row_stats())
+    weights = cfg.weights if len(stats) > 1 else (1.0,)
+    mean = sum(weight * values.astype(np.float64) for weight, values in zip(weights, stats, strict=True))
+    pacing = Pacing(
+        cfg.curriculum_setting("curriculum_pacing"),
+        cfg.curriculum_setting("curriculum_start"),
+        max(1, round(cfg.curriculum_setting("curriculum_span") * total_steps)),
+    )
+    order = CurriculumOrder(confidence_ranking(mean, cfg.seed), pacing, cfg.seed, cfg.batch_size, cfg.grad_accum)
+    ranked = mean[order.ranking, 0]
+    log.info(
+        "curriculum: %d rows from the most confident teacher (mean top-1 probability %.3f) to the least (%.3f); "
+        "the pool starts at %.0f%% of them and holds every row from step %d of %d (%s pacing)",
+        len(ranked),
+        ranked[0],
+        ranked[-1],
+        100 * pacing.start,
+        pacing.steps,
+        total_steps,
+        pacing.kind,
+    )
+    return order
+
+
+def open_caches(cfg: StudentTrainConfig) -> tuple[TeacherSource, Cache | None]:
+    """The teacher (``--cache``, or the ``--ensemble`` of every ``--cache``) and ``--eval-cache``, with the
+    distillation loss checked against the training captures.
 
     Held-out evaluation fits every capture (:func:`pipeline.losses.evaluation_temperature`).
     """
-    cache = open_cache(cfg.cache, verify=cfg.verify)
-    check_capture_fits(cfg, cache.manifest.capture)
+    caches = [open_cache(path, verify=cfg.verify) for path in cfg.caches]
+    if cfg.ensemble is None:
+        teacher: TeacherSource = OneTeacher(caches[0])
+    else:
+        check_ensemble(caches, ["--cache"] * len(caches))
+        teacher = TeacherEnsemble(tuple(OneTeacher(cache) for cache in caches), cfg.weights, cfg.ensemble)
+    check_capture_fits(cfg, teacher)
     eval_cache = open_cache(cfg.eval_cache, verify=cfg.verify) if cfg.eval_cache else None
-    return cache, eval_cache
+    return teacher, eval_cache
 
 
-def check_capture_fits(cfg: StudentTrainConfig, capture: CaptureSpec) -> None:
-    """Refuse settings whose distillation loss a cache of ``capture`` cannot give, in one line naming the flags.
+def check_capture_fits(cfg: StudentTrainConfig, teacher: TeacherSource) -> None:
+    """Refuse settings whose distillation loss the teacher's caches cannot give, in one line naming the flags.
 
-    With ``--alpha 0`` the run is cross-entropy alone and fits every cache.
+    With ``--alpha 0`` the run is cross-entropy alone and fits every cache. With
+    ``--adapt-temperature`` the loss must also fit every temperature below ``--temperature``.
     """
-    if cfg.alpha > 0:
-        check_target_fits(capture, cfg.temperature, Divergence(cfg.loss, cfg.beta, cfg.skew, cfg.renormalize))
+    if cfg.alpha == 0:
+        return
+    divergence = Divergence(cfg.loss, cfg.beta, cfg.skew, cfg.renormalize)
+    problem = teacher.problem(cfg.temperature, divergence)
+    if problem is None and cfg.adapt_temperature:
+        lowered = teacher.problem(TEMPERATURE_BOUNDS[0] + 0.5 * (cfg.temperature - TEMPERATURE_BOUNDS[0]), divergence)
+        problem = lowered and f"--adapt-temperature would change the temperature, but {lowered}"
+    if problem:
+        raise ConfigError(problem)
 
 
 def load_checked_student(
-    cfg: StudentTrainConfig, cache: Cache, eval_cache: Cache | None, device: torch.device
+    cfg: StudentTrainConfig, caches: tuple[Cache, ...], eval_cache: Cache | None, device: torch.device
 ) -> tuple[torch.nn.Module, str]:
-    """The student on ``device``, checked against both caches; returns it and its origin (``"config"`` or weights)."""
+    """The student on ``device``, checked against every cache; returns it and its origin (``"config"`` or weights)."""
     overrides = models.parse_overrides(cfg.student_config)
     model, origin = models.load_student(cfg.student, overrides, device, cfg.trust_remote_code)
-    check_student_fits(model, origin, cache, "--cache")
+    for cache in caches:
+        check_student_fits(model, origin, cache, "--cache")
     if eval_cache is not None:
         check_student_fits(model, origin, eval_cache, "--eval-cache")
     return model, origin
@@ -262,8 +318,3 @@ def build_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.op
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-
-
-def cache_manifest_sha256(cache: Cache) -> str:
-    """The sha256 of ``cache``'s manifest file: the cache's identity in checkpoints and ``training.json``."""
-    return sha256_file(cache.path / "manifest.json")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import codec_v2, models, paths
+from pipeline import codec_v2, models, paths, row_stats
 from pipeline.capture import capture
 from pipeline.capture_spec import GENERATOR_NAME, CaptureSpec
 from pipeline.config import TeacherCacheConfig
@@ -110,12 +110,15 @@ def _batched(
 @torch.inference_mode()
 def capture_batch(
     head: models.LMHead, input_ids: torch.Tensor, spec: CaptureSpec, first_seq: int, chunk_positions: int
-) -> list[SparseRow]:
-    """Teacher forward on ``(B, T)`` int64 ids whose first row is sequence ``first_seq``; one row per sequence.
+) -> tuple[list[SparseRow], list[bytes]]:
+    """Teacher forward on ``(B, T)`` int64 ids whose first row is sequence ``first_seq``; one row per sequence,
+    and each row's ``row_stats`` cell (:mod:`pipeline.row_stats`).
 
     The LM head runs ``chunk_positions`` positions at a time; each chunk's captured values
-    move to the CPU as they are made. Position ``t`` of sequence ``s`` is global position
-    ``s * T + t``, which keys the draws of sampled captures.
+    and its positions' top-1 probability and entropy (from the full distribution, on the
+    device, before the capture may overwrite the logits) move to the CPU as they are made.
+    Position ``t`` of sequence ``s`` is global position ``s * T + t``, which keys the draws
+    of sampled captures.
     """
     batch, seq_len = input_ids.shape
     hidden = head.hidden_states(input_ids).reshape(batch * seq_len, -1)
@@ -123,12 +126,17 @@ def capture_batch(
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, hidden.shape[0], chunk_positions):
         logits = head.logits(hidden[start : start + chunk_positions])
+        top1_prob, entropy = row_stats.position_stats(logits)
         captured = capture(logits, spec, positions[start : start + chunk_positions], overwrite=True)
         del logits  # free this chunk's (N, V) buffer before the next one is allocated
         fields = ("ids", "lengths", "logprobs", "tail_logmass", "counts")
         parts.append({name: getattr(captured, name).cpu() for name in fields if getattr(captured, name) is not None})
+        parts[-1].update(top1_prob=top1_prob.cpu(), entropy=entropy.cpu())
     joined = {name: torch.cat([part[name] for part in parts]).numpy() for name in parts[0]}
     host_ids = input_ids.cpu().numpy()
+    top1_means = row_stats.row_means(joined["top1_prob"], batch)
+    entropy_means = row_stats.row_means(joined["entropy"], batch)
+    stats = [row_stats.encode_cell(top1, entropy) for top1, entropy in zip(top1_means, entropy_means, strict=True)]
     rows = []
     for row in range(batch):
         window = slice(row * seq_len, (row + 1) * seq_len)
@@ -142,7 +150,7 @@ def capture_batch(
                 lengths=joined["lengths"][window] if "lengths" in joined else None,
             )
         )
-    return rows
+    return rows, stats
 
 
 class RowEncoder:
@@ -156,7 +164,7 @@ class RowEncoder:
     def __init__(self, spec: CaptureSpec, settings: codec_v2.CodecSettings, threads: int | None = None) -> None:
         self.spec, self.settings = spec, settings
         self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
-        self.queued: list[tuple[PackedSequence, Future[dict[str, bytes]]]] = []
+        self.queued: list[tuple[PackedSequence, bytes, Future[dict[str, bytes]]]] = []
 
     @property
     def pending(self) -> int:
@@ -166,18 +174,23 @@ class RowEncoder:
         return codec_v2.encode_row(row, self.spec, self.settings)
 
     def submit(
-        self, batch: list[PackedSequence], rows: list[SparseRow]
+        self, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes]
     ) -> list[tuple[PackedSequence, dict[str, bytes | int]]]:
+        """Queue a batch of rows and their ``row_stats`` cells; the previous batch's cells, in order."""
         done = self.drain()
-        self.queued = [(packed, self.pool.submit(self._encode, row)) for packed, row in zip(batch, rows, strict=True)]
+        self.queued = [
+            (packed, cell, self.pool.submit(self._encode, row))
+            for packed, row, cell in zip(batch, rows, stats, strict=True)
+        ]
         return done
 
     def drain(self) -> list[tuple[PackedSequence, dict[str, bytes | int]]]:
         done = []
-        for packed, future in self.queued:
+        for packed, stats_cell, future in self.queued:
             cells: dict[str, bytes | int] = {**future.result()}
             cells["source_record"] = packed.source_record
             cells["record_offset"] = packed.record_offset
+            cells[row_stats.COLUMN] = stats_cell
             done.append((packed, cells))
         self.queued = []
         return done
@@ -186,7 +199,7 @@ class RowEncoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for _, future in self.queued:
+        for _, _, future in self.queued:
             future.cancel()
         self.pool.shutdown(wait=True)
 
@@ -420,10 +433,10 @@ def _write_cache(
                     if not checked:
                         head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                         checked = True
-                    rows = capture_batch(head, input_ids, spec, seq_index + encoder.pending, chunk_positions)
+                    rows, stats = capture_batch(head, input_ids, spec, seq_index + encoder.pending, chunk_positions)
                     # Rows encode on worker threads while the teacher runs the next batch; they are
                     # written in order, one batch behind.
-                    for packed, cells in encoder.submit(batch, rows):
+                    for packed, cells in encoder.submit(batch, rows, stats):
                         hasher.update(packed.input_ids)
                         shard_writer.add(seq_index, cells, cfg.seq_len)
                         seq_index += 1
@@ -498,7 +511,7 @@ def cache_header(
         "format_version": FORMAT_VERSION,
         "codec": cfg.codec_settings().to_json(),
         "capture": capture_header(cfg.capture_spec()),
-        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings()),
+        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings(), row_stats=True),
         "position_convention": "row position t holds the teacher's distribution over token t+1",
         "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
         "compute": {"device_type": device.type, "batch_size": cfg.batch_size},

@@ -27,7 +27,16 @@ def test_inspect_json_reports_totals(train_cache):
     assert report["format_version"] == 2 and report["codec"]["mode"] == "sqrt"
     assert report["mean_ids_per_position"] == 16
     columns = report["column_bytes_per_token"]
-    assert set(columns) == {"input_ids", "ids", "logprobs", "tail_logmass", "source_record", "record_offset"}
+    assert set(columns) == {
+        "input_ids",
+        "ids",
+        "logprobs",
+        "tail_logmass",
+        "source_record",
+        "record_offset",
+        "row_stats",
+    }
+    assert 0 < report["teacher_mean_top1_prob"] <= 1 and report["teacher_mean_entropy"] > 0
     assert 0 < sum(columns.values()) < report["bytes_per_token"]  # Arrow's own bytes are the rest
 
 

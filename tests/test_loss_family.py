@@ -14,6 +14,7 @@ from pipeline.divergences import Divergence, jsd, reverse_kl, skew_kl, skew_reve
 from pipeline.errors import ConfigError
 from pipeline.losses import bucket_target, loss_parts, sampled_target, target_problem
 from pipeline.student_setup import check_capture_fits
+from pipeline.teachers import CaptureTeacher
 
 VOCAB = 24
 DIVERGENCES = [Divergence(name, beta=0.3, skew=0.2) for name in LOSSES]
@@ -190,7 +191,7 @@ def test_reverse_type_losses_on_a_sampled_capture_are_refused_in_one_line_naming
     assert problem is not None and "\n" not in problem and "--loss" in problem
     cfg = StudentTrainConfig(cache="c", student="s", out="o", loss=divergence.name, beta=divergence.beta)
     with pytest.raises(ConfigError, match="--loss"):
-        check_capture_fits(cfg, capture)
+        check_capture_fits(cfg, CaptureTeacher(capture))
 
 
 def test_sampled_captures_take_the_losses_that_stay_finite_and_bucket_captures_take_all():

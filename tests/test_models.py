@@ -55,7 +55,7 @@ def test_chunked_capture_equals_capture_of_the_full_logits(model_type):
     ids = torch.randint(0, VOCAB, (2, 12))
     head.check_parity(ids[:1])
     spec = CaptureSpec(strategy="topk", k=8)
-    rows = capture_batch(head, ids, spec, first_seq=0, chunk_positions=5)
+    rows, _ = capture_batch(head, ids, spec, first_seq=0, chunk_positions=5)
     with torch.no_grad():
         reference = capture_topk(model(ids).logits.reshape(-1, VOCAB), 8)
     topk_logprobs = torch.from_numpy(np.concatenate([row.logprobs for row in rows]))
@@ -78,9 +78,9 @@ def test_chunked_capture_keys_draws_by_global_position(spec):
     model = tiny("qwen2").eval()
     head = LMHead(model)
     ids = torch.randint(0, VOCAB, (3, 12))
-    whole = capture_batch(head, ids, spec, first_seq=5, chunk_positions=36)
-    chunked = capture_batch(head, ids, spec, first_seq=5, chunk_positions=7)
-    alone = capture_batch(head, ids[2:], spec, first_seq=7, chunk_positions=5)
+    whole, _ = capture_batch(head, ids, spec, first_seq=5, chunk_positions=36)
+    chunked, _ = capture_batch(head, ids, spec, first_seq=5, chunk_positions=7)
+    alone, _ = capture_batch(head, ids[2:], spec, first_seq=7, chunk_positions=5)
     for left, right in [(whole, chunked), (whole[2:], alone)]:
         for a, b in zip(left, right, strict=True):
             np.testing.assert_array_equal(a.ids, b.ids)

@@ -1,6 +1,7 @@
 """Training monitors: the logged KL, entropies and agreement are the quantities they name, and the
 warnings fire once, when they should."""
 
+import itertools
 import json
 import math
 
@@ -10,18 +11,22 @@ from conftest import run_cli
 from helpers import tiny_student
 
 from pipeline.capture_spec import CaptureSpec
+from pipeline.config import StudentTrainConfig
 from pipeline.divergences import bucket_kl
+from pipeline.errors import ConfigError
 from pipeline.losses import bucket_target, student_buckets, targets_from_batch
 from pipeline.models import LMHead
 from pipeline.monitor import (
     MONITOR_FIELDS,
     MonitorSums,
     MonitorWarnings,
+    TemperatureSchedule,
     add_chunk_stats,
     bucket_entropy,
     monitor_targets,
 )
 from pipeline.student import train_step_loss
+from pipeline.teachers import CaptureTeacher
 
 VOCAB, K = 40, 5
 
@@ -69,7 +74,7 @@ def test_logged_kl_equals_the_bucket_kl_computed_independently_on_the_same_batch
 def test_chunks_and_micro_batches_add_up_to_the_whole():
     batch, capture = topk_batch(), CaptureSpec("topk")
     logits = torch.randn(16, VOCAB, generator=torch.Generator().manual_seed(3))
-    target_t1, target_t = monitor_targets(batch, capture, 2.0)
+    target_t1, target_t = monitor_targets(batch, CaptureTeacher(capture), 2.0)
     whole, pieces = MonitorSums(), MonitorSums()
     add_chunk_stats(whole, logits, target_t1, target_t, 2.0)
     for positions in (slice(0, 5), slice(5, 16)):
@@ -168,3 +173,60 @@ def test_monitor_fields_appear_in_every_logged_record(train_cache, student_confi
     for record in read_metrics(tmp_path / "t1"):
         assert record["kd"] is None  # no distillation term, yet the KL is still watched
         assert record["kl_t"] == record["kl_t1"] > 0
+
+
+def test_temperature_schedule_lowers_by_a_tenth_per_low_kl_step_and_stops_at_one():
+    schedule = TemperatureSchedule(temperature=2.0)
+    assert schedule.update({"kl_t": 0.5}) is None and schedule.temperature == 2.0
+    assert schedule.update({"loss": 1.0}) is None  # no KL measured: no change
+    assert schedule.update({"kl_t": 0.001}) == pytest.approx(1.8)
+    assert schedule.update({"kl_t": 0.009}) == pytest.approx(1.62)
+    lowered = [schedule.update({"kl_t": 0.0}) for _ in range(10)]
+    assert lowered[4] == 1.0 and all(value is None for value in lowered[5:])  # 1.62 * 0.9^5 < 1: floored
+    assert schedule.temperature == 1.0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 25.0])
+def test_adapt_temperature_refuses_a_start_outside_its_bounds(temperature):
+    with pytest.raises(ConfigError, match=r"--adapt-temperature keeps the temperature within \[1, 20\]"):
+        StudentTrainConfig(cache="c", student="s", out="o", temperature=temperature, adapt_temperature=True)
+
+
+def test_adapt_temperature_lowers_records_and_checkpoints_the_temperature(train_cache, student_config_dir, tmp_path):
+    out = tmp_path / "adapt"
+    hot = ("--temperature", "20", "--adapt-temperature")
+    result = student_train(train_cache, student_config_dir, out, *hot, "--save-every", "2", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    records = read_metrics(out)
+    assert records[0]["temperature"] == 20.0
+    for before, after in itertools.pairwise(records):  # at T=20 everything is flat: each step lowers T
+        assert before["kl_t"] < 0.01
+        assert before["temperature_next"] == pytest.approx(before["temperature"] * 0.9)
+        assert after["temperature"] == before["temperature_next"]
+    state = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["temperature"] == records[1]["temperature_next"]
+
+    resumed = tmp_path / "resumed"
+    first = student_train(train_cache, student_config_dir, resumed, *hot, "--save-every", "1", "--max-steps", "2")
+    assert first.exit_code == 0, first.output
+    saved = json.loads((resumed / "checkpoints" / "step-0000001" / "state.json").read_text())["temperature"]
+    assert saved < 20.0
+    again = student_train(
+        train_cache, student_config_dir, resumed, *hot, "--save-every", "1", "--max-steps", "3", "--resume"
+    )
+    assert again.exit_code == 0, again.output
+    continued = [record for record in read_metrics(resumed) if record["step"] == 2][-1]
+    assert continued["temperature"] == saved  # the run continued at the saved temperature, not at 20
+
+
+def test_a_checkpoint_temperature_outside_the_bounds_is_refused(train_cache, student_config_dir, tmp_path):
+    out = tmp_path / "damaged"
+    hot = ("--temperature", "4", "--adapt-temperature", "--save-every", "1")
+    result = student_train(train_cache, student_config_dir, out, *hot, "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    state_file = out / "checkpoints" / "step-0000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "temperature": 0.2}))
+    again = student_train(train_cache, student_config_dir, out, *hot, "--max-steps", "3", "--resume")
+    assert again.exit_code != 0
+    assert "field 'temperature' is not a number in [1, 20]" in again.output

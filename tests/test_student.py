@@ -361,10 +361,13 @@ def test_a_temperature_the_sampled_cache_cannot_give_is_refused_before_anything_
     from pipeline.config import StudentTrainConfig
     from pipeline.errors import ConfigError
     from pipeline.student_setup import check_capture_fits
+    from pipeline.teachers import CaptureTeacher
 
     capture = CaptureSpec("sample", k=None, samples=16, sample_temperature=1.0, seed=0)
     settings = {"cache": "c", "student": "s", "out": str(tmp_path / "s")}
     with pytest.raises(ConfigError, match=r"^--temperature 2 differs .* --sample-logprobs$"):
-        check_capture_fits(StudentTrainConfig(**settings, temperature=2.0), capture)
-    check_capture_fits(StudentTrainConfig(**settings, temperature=2.0, alpha=0.0), capture)  # cross-entropy alone
-    check_capture_fits(StudentTrainConfig(**settings, temperature=1.0), capture)
+        check_capture_fits(StudentTrainConfig(**settings, temperature=2.0), CaptureTeacher(capture))
+    check_capture_fits(
+        StudentTrainConfig(**settings, temperature=2.0, alpha=0.0), CaptureTeacher(capture)
+    )  # cross-entropy alone
+    check_capture_fits(StudentTrainConfig(**settings, temperature=1.0), CaptureTeacher(capture))

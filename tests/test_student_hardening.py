@@ -420,16 +420,17 @@ def test_bad_values_of_plain_options_are_refused(train_cache, student_config_dir
     assert "--device tpu" in bad(*common, "--device", "tpu")
 
 
-def test_row_stream_started_mid_run_continues_the_same_order(train_cache):
+def test_batches_started_mid_run_continue_the_same_order(train_cache):
     from itertools import islice
 
     from pipeline.cache import open_cache
-    from pipeline.student import row_stream
+    from pipeline.teachers import OneTeacher
 
-    cache = open_cache(train_cache)
-    start = len(cache) + 5  # inside the second epoch
-    expected = list(islice(row_stream(cache, seed=3), start, start + 4))
-    resumed = list(islice(row_stream(cache, seed=3, start=start), 4))
-    assert [epoch for epoch, _ in resumed] == [epoch for epoch, _ in expected] == [1, 1, 1, 1]
-    for (_, a), (_, b) in zip(resumed, expected, strict=True):
-        assert torch.equal(torch.from_numpy(a.input_ids), torch.from_numpy(b.input_ids))
+    teacher = OneTeacher(open_cache(train_cache))
+    start = len(teacher.cache) + 5  # inside the second epoch
+    expected = list(islice(teacher.batches(3, 0, 1, torch.device("cpu")), start, start + 3))
+    resumed = list(islice(teacher.batches(3, start, 1, torch.device("cpu")), 3))
+    for a, b in zip(resumed, expected, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["ids"], b["ids"])
+    first_epoch = list(islice(teacher.batches(3, 5, 1, torch.device("cpu")), 3))
+    assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first_epoch, expected))

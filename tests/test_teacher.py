@@ -80,7 +80,9 @@ def test_manifest_describes_the_cache(train_cache):
         "tail_logmass",
         "source_record",
         "record_offset",
+        "row_stats",
     ]
+    assert all(set(entry["row_stats"]) == {"mean_top1_prob", "mean_entropy"} for entry in manifest["shards"])
     assert manifest["dataset"]["files"] == [{"name": "train.jsonl", "first_record": 0}]
     assert manifest["logit_width"] == LOGIT_WIDTH
     assert manifest["tokenizer"]["length"] == 300

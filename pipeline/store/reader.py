@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import codec, codec_v2
+from pipeline import codec, codec_v2, row_stats
 from pipeline.errors import CacheError, first_line
 from pipeline.fingerprint import sha256_file
 from pipeline.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_PATTERN, Manifest, ShardEntry, parse_manifest
@@ -83,8 +85,9 @@ def read_columns(manifest: Manifest) -> tuple[str, ...]:
     columns this codec knows (optional columns it does not know are skipped)."""
     if manifest.format_version == 1:
         return codec.PAYLOAD_COLUMNS
-    known = {column["name"] for column in codec_v2.columns(manifest.capture, codec_settings(manifest))}
-    return tuple(column.name for column in manifest.columns if column.name in known)
+    registry = codec_v2.columns(manifest.capture, codec_settings(manifest), row_stats=True)
+    known = {(column["name"], column["encoding"]) for column in registry}
+    return tuple(column.name for column in manifest.columns if (column.name, column.encoding) in known)
 
 
 def codec_settings(manifest: Manifest) -> codec_v2.CodecSettings:
@@ -92,55 +95,26 @@ def codec_settings(manifest: Manifest) -> codec_v2.CodecSettings:
     return codec_v2.CodecSettings.from_json(manifest.codec)
 
 
-def iter_shard_frames(
-    cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
-) -> Iterator[tuple[int, dict[str, bytes | int]]]:
-    """``(seq_index, cells)`` for each row of one shard, still encoded; the shard is checked first when ``verify``.
-
-    ``cells`` maps each of :func:`read_columns` to its frame (bytes), or its value for
-    int64 columns (row provenance).
+@contextmanager
+def open_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True) -> Iterator[Any]:
+    r"""A checked shard's Arrow file reader, memory-mapped; the shard's hash is checked first when ``verify``.
 
     Before pyarrow loads anything, the file's footer and message headers are read
     (:func:`pipeline.store.ipc.inspect_file`): no Arrow body compression, no more rows than
-    the manifest's. Record batches are then read zero-copy from a memory map, one at a
-    time, and fully validated. Memory held: the frames of one row, plus pages of the
-    mapped file (the cache's own bytes).
+    the manifest's; then the schema must be the manifest's. pyarrow's errors inside the
+    block become one-line :class:`CacheError`\ s naming the shard.
     """
     check_pyarrow_version()
     if verify:
         check_shard(cache_dir, entry)
     path = shard_path(cache_dir, entry)
-    seen = 0
     try:
         with pa.memory_map(str(path), "r") as source:
             inspect_file(memoryview(source.read_buffer()), entry.rows)
             source.seek(0)
             reader = pa.ipc.open_file(source)
             check_schema(reader.schema, entry.name, manifest)
-            names = read_columns(manifest)
-            integers = {column.name for column in manifest.columns if column.encoding == INT64_ENCODING}
-            for batch_index in range(reader.num_record_batches):
-                batch = reader.get_batch(batch_index)
-                # Arrow IPC readers trust the offsets in the file; a hostile file with a valid
-                # hash could point them out of bounds. Full validation checks them first.
-                batch.validate(full=True)
-                if seen + batch.num_rows > entry.rows:
-                    raise CacheError(f"shard '{entry.name}' holds more rows than the manifest's {entry.rows}")
-                if any(column.null_count for column in batch.columns):
-                    raise CacheError(f"shard '{entry.name}' has null values; the format has none")
-                seq_index = batch.column("seq_index").to_numpy()
-                payload = {
-                    name: batch.column(name).to_numpy() if name in integers else batch.column(name) for name in names
-                }
-                for row in range(batch.num_rows):
-                    if int(seq_index[row]) != entry.first_seq + seen:
-                        raise CacheError(f"shard '{entry.name}' has rows out of order; the shard is damaged")
-                    cells = {
-                        name: int(payload[name][row]) if name in integers else payload[name][row].as_py()
-                        for name in names
-                    }
-                    yield int(seq_index[row]), cells
-                    seen += 1
+            yield reader
     except CacheError:
         raise
     except (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
@@ -148,8 +122,109 @@ def iter_shard_frames(
         raise CacheError(
             f"shard '{entry.name}' is not a readable Arrow file ({first_line(exc, 120)}); the shard is damaged"
         ) from exc
+
+
+def checked_batch(reader: Any, batch_index: int, entry: ShardEntry, first_row: int) -> pa.RecordBatch:
+    """Record batch ``batch_index`` of an :func:`open_shard` reader, whose first row is the shard's
+    ``first_row``-th: fully validated, without nulls, its ``seq_index`` the rows' own, within the shard."""
+    batch = reader.get_batch(batch_index)
+    # Arrow IPC readers trust the offsets in the file; a hostile file with a valid
+    # hash could point them out of bounds. Full validation checks them first.
+    batch.validate(full=True)
+    if first_row + batch.num_rows > entry.rows:
+        raise CacheError(f"shard '{entry.name}' holds more rows than the manifest's {entry.rows}")
+    if any(column.null_count for column in batch.columns):
+        raise CacheError(f"shard '{entry.name}' has null values; the format has none")
+    expected = np.arange(batch.num_rows) + entry.first_seq + first_row
+    if not np.array_equal(batch.column("seq_index").to_numpy(), expected):
+        raise CacheError(f"shard '{entry.name}' has rows out of order; the shard is damaged")
+    return batch
+
+
+def batch_cells(batch: pa.RecordBatch, manifest: Manifest) -> list[dict[str, bytes | int]]:
+    """Each row's cells of a checked record batch: :func:`read_columns` -> frame bytes (or int for int64 columns)."""
+    names = read_columns(manifest)
+    integers = {column.name for column in manifest.columns if column.encoding == INT64_ENCODING}
+    payload = {name: batch.column(name).to_numpy() if name in integers else batch.column(name) for name in names}
+    return [
+        {name: int(payload[name][row]) if name in integers else payload[name][row].as_py() for name in names}
+        for row in range(batch.num_rows)
+    ]
+
+
+def iter_shard_frames(
+    cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
+) -> Iterator[tuple[int, dict[str, bytes | int]]]:
+    """``(seq_index, cells)`` for each row of one shard, still encoded (:func:`open_shard`, :func:`batch_cells`).
+
+    Record batches are read zero-copy from the memory map, one at a time, each checked
+    (:func:`checked_batch`). Memory held: the frames of one record batch, plus pages of the
+    mapped file (the cache's own bytes).
+    """
+    seen = 0
+    with open_shard(cache_dir, entry, manifest, verify) as reader:
+        for batch_index in range(reader.num_record_batches):
+            batch = checked_batch(reader, batch_index, entry, seen)
+            for cells in batch_cells(batch, manifest):
+                yield entry.first_seq + seen, cells
+                seen += 1
     if seen != entry.rows:
         raise CacheError(f"shard '{entry.name}' holds {seen} rows, the manifest says {entry.rows}")
+
+
+def read_shard_row_stats(cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True) -> np.ndarray:
+    """``(rows, 2)`` float32: the shard's ``row_stats`` column (:mod:`pipeline.row_stats`), read alone, checked.
+
+    Only that column's buffers are touched (besides the checks' reads of the file), and no payload is decoded.
+    """
+    cells: list[bytes] = []
+    with open_shard(cache_dir, entry, manifest, verify) as reader:
+        for batch_index in range(reader.num_record_batches):
+            batch = checked_batch(reader, batch_index, entry, len(cells))
+            cells.extend(batch.column(row_stats.COLUMN).to_pylist())
+    if len(cells) != entry.rows:
+        raise CacheError(f"shard '{entry.name}' holds {len(cells)} rows, the manifest says {entry.rows}")
+    return row_stats.decode_cells(cells, manifest.logit_width, f"shard '{entry.name}'")
+
+
+class ShardRows:
+    """Random access to one shard's encoded rows: :meth:`cells` of the ``row``-th row.
+
+    The shard stays memory-mapped until :meth:`close`; the record batch last read is kept
+    (rows of one batch are often read together).
+    """
+
+    def __init__(self, cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool) -> None:
+        self.entry, self.manifest = entry, manifest
+        self._stack = ExitStack()
+        self._reader = self._stack.enter_context(open_shard(cache_dir, entry, manifest, verify))
+        sizes = [self._reader.get_record_batch(index).num_rows for index in range(self._reader.num_record_batches)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        if int(self._starts[-1]) != entry.rows:
+            self.close()
+            raise CacheError(f"shard '{entry.name}' holds {int(self._starts[-1])} rows, the manifest says {entry.rows}")
+        self._batch: tuple[int, list[dict[str, bytes | int]]] | None = None
+
+    def cells(self, row: int) -> dict[str, bytes | int]:
+        """The encoded cells of the shard's ``row``-th row (``0 <= row < entry.rows``)."""
+        batch_index = int(np.searchsorted(self._starts, row, side="right")) - 1
+        if self._batch is None or self._batch[0] != batch_index:
+            first = int(self._starts[batch_index])
+            try:
+                batch = checked_batch(self._reader, batch_index, self.entry, first)
+            except CacheError:
+                raise
+            except (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+                raise CacheError(
+                    f"shard '{self.entry.name}' is not a readable Arrow file ({first_line(exc, 120)}); "
+                    "the shard is damaged"
+                ) from exc
+            self._batch = (batch_index, batch_cells(batch, self.manifest))
+        return self._batch[1][row - int(self._starts[batch_index])]
+
+    def close(self) -> None:
+        self._batch = None
+        self._stack.close()
 
 
 def check_schema(schema: pa.Schema, shard: str, manifest: Manifest) -> None:

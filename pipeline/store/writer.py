@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from pipeline import row_stats
 from pipeline.fingerprint import sha256_file
 from pipeline.manifest import MANIFEST_NAME, ShardEntry, render_manifest
 from pipeline.store.atomic import crash_point, fsync_dir, write_bytes_atomic
@@ -45,6 +47,7 @@ class ShardWriter:
         self._sink: pa.OSFile | None = None
         self._rows = 0
         self._tokens = 0
+        self._row_stats: list[bytes] = []  # this shard's row_stats cells (pipeline.row_stats)
         self._first_seq = 0
 
     def __enter__(self) -> ShardWriter:
@@ -67,6 +70,8 @@ class ShardWriter:
             self._writer = pa.ipc.new_file(self._sink, self.schema, options=options)
             self._first_seq = seq_index
         self._pending.append((seq_index, cells))
+        if row_stats.COLUMN in cells:
+            self._row_stats.append(cells[row_stats.COLUMN])  # type: ignore[arg-type]
         self._rows += 1
         self._tokens += n_tokens
         if len(self._pending) >= RECORD_BATCH_ROWS:
@@ -102,6 +107,7 @@ class ShardWriter:
             bytes=tmp.stat().st_size,
             sha256=sha256_file(tmp),
             first_seq=self._first_seq,
+            row_stats=self._stats_summary(),
         )
         crash_point("shard-before-rename")
         os.replace(tmp, self.cache_dir / name)
@@ -114,6 +120,14 @@ class ShardWriter:
         self._sink = None
         self._rows = 0
         self._tokens = 0
+        self._row_stats = []
+
+    def _stats_summary(self) -> dict[str, float] | None:
+        """The shard's ``row_stats`` summary, when its rows carry the statistics."""
+        if not self._row_stats:
+            return None
+        values = np.frombuffer(b"".join(self._row_stats), dtype="<f4").reshape(-1, 2)
+        return row_stats.shard_summary(values)
 
     def close(self) -> list[ShardEntry]:
         """Commit the shard in progress, if any; return every committed shard."""
@@ -130,6 +144,7 @@ class ShardWriter:
                 self._sink.close()  # type: ignore[union-attr]
             self._writer = None
         self._pending.clear()
+        self._row_stats = []
         with contextlib.suppress(FileNotFoundError):
             self._tmp_path.unlink()
 
