@@ -253,15 +253,17 @@ def llama_config(vocab: int, hidden: int, layers: int, seq_len: int, tokenizer: 
     )
 
 
-def train_teacher(folder: Path, tokenizer: Any, sequences: torch.Tensor, budget: Budget) -> torch.nn.Module:
+def train_teacher(
+    folder: Path, tokenizer: Any, sequences: torch.Tensor, budget: Budget, seed: int = 1234
+) -> torch.nn.Module:
     """A Llama trained on next-token cross-entropy for ``teacher_steps`` steps, saved with the tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     config = llama_config(budget.vocab, budget.teacher_hidden, budget.teacher_layers, budget.seq_len, tokenizer)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.teacher_lr, betas=(0.9, 0.95), weight_decay=0.01)
-    generator = torch.Generator().manual_seed(1234)
+    generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sequences), generator=generator)
     warmup = max(1, budget.teacher_steps // 20)
     model.train()

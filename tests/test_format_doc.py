@@ -164,6 +164,20 @@ def test_the_v2_recipe_decodes_every_row_as_the_package_does_in_the_documented_o
         assert_documented_order(ours, capture)
 
 
+@pytest.mark.parametrize("case", ["topk/sqrt", "sample/quantized"])
+def test_the_v2_recipe_reads_the_row_statistics_as_the_package_does(v2, caches, case):
+    cache = caches(case)
+    documented = v2["read_row_stats"](str(cache))
+    assert documented.shape == (8, 2)
+    assert np.array_equal(documented, pipeline.open_cache(cache).row_stats())
+
+
+def test_the_v2_recipe_finds_no_row_statistics_in_a_cache_without_them(v2, caches, tmp_path):
+    cache = shutil.copytree(caches("topk/sqrt"), tmp_path / "cache")
+    edit_manifest(cache, lambda m: m["columns"][-1].update(name="later_stats", kind="statistics"))
+    assert v2["read_row_stats"](str(cache)) is None
+
+
 def test_provenance_columns_name_the_record_and_token_where_each_row_starts(v2, caches, corpus):
     from transformers import AutoTokenizer
 
