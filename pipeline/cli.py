@@ -26,6 +26,7 @@ from pipeline.config import (
     TeacherCacheConfig,
 )
 from pipeline.errors import DistillError
+from pipeline.run_config import config_option
 
 
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -328,6 +329,11 @@ def student_train(student_config: tuple[str, ...], caches: tuple[str, ...], **op
             f"held-out: KL(teacher||student) {summary.eval['kl']:.4f} nats/token, "
             f"cross-entropy {summary.eval['ce']:.4f}, perplexity {summary.eval['perplexity']:.2f}"
         )
+
+
+# --config FILE on the two passes (pipeline/run_config.py).
+config_option(teacher_cache)
+config_option(student_train)
 
 
 @main.command("inspect")

@@ -35,7 +35,10 @@ Batch = dict[str, Any]
 class TeacherSource(Protocol):
     """What the student pass distils from."""
 
-    caches: tuple[Cache, ...]
+    @property
+    def caches(self) -> tuple[Cache, ...]:
+        """The training caches, the first one's rows giving the student's ``input_ids``."""
+        ...
 
     def problem(self, temperature: float, divergence: Divergence = FORWARD_KL) -> str | None:
         """Why the loss at ``temperature`` does not fit, or ``None``."""

@@ -250,7 +250,7 @@ def test_ensemble_of_one_cache_is_refused(train, train_cache, tmp_path):
 
 
 @pytest.mark.skipif(__import__("shutil").which("make") is None, reason="needs make")
-def test_make_student_train_passes_the_ensemble_and_adaptive_temperature():
+def test_make_student_train_passes_the_ensemble_curriculum_and_adaptive_temperature():
     from helpers import make_dry_run
 
     settings = {
@@ -260,8 +260,12 @@ def test_make_student_train_passes_the_ensemble_and_adaptive_temperature():
         "CACHE_WEIGHTS": "0.5,0.3,0.2",
         "ADAPT_TEMPERATURE": "1",
         "TEMPERATURE": "4",
+        "CURRICULUM": "confidence",
+        "CURRICULUM_PACING": "linear",
+        "CURRICULUM_START": "0.1",
+        "CURRICULUM_SPAN": "0.3",
     }
-    left_out = {*settings, "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "CURRICULUM", "OUT", "STUDENT"}
+    left_out = {*settings, "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "OUT", "STUDENT"}
     (command,), output = make_dry_run("student-train", settings, left_out)
     assert command[0] == "student-train", output
     caches = [command[i + 1] for i, word in enumerate(command) if word == "--cache"]
@@ -269,5 +273,10 @@ def test_make_student_train_passes_the_ensemble_and_adaptive_temperature():
     assert command[command.index("--ensemble") + 1] == "mean_logprob"
     assert command[command.index("--cache-weights") + 1] == "0.5,0.3,0.2"
     assert "--adapt-temperature" in command and command[command.index("--temperature") + 1] == "4"
+    for flag, value in (("--curriculum", "confidence"), ("--curriculum-pacing", "linear")):
+        assert command[command.index(flag) + 1] == value
+    assert command[command.index("--curriculum-start") + 1] == "0.1"
+    assert command[command.index("--curriculum-span") + 1] == "0.3"
     (plain,), _ = make_dry_run("student-train", {"CACHE": "caches/a"}, left_out)
     assert "--ensemble" not in plain and "--adapt-temperature" not in plain and plain.count("--cache") == 1
+    assert not any(word.startswith("--curriculum") for word in plain)
