@@ -154,6 +154,7 @@ demo: $(VENV)/.installed
 	$(MAKE) --no-print-directory student-train OUT=$(OUT)-ce ALPHA=0.0 OVERWRITE=1
 	$(DISTILL) inspect $(CACHE)
 	$(PY) -m pipeline.demo report $(OUT)-kd $(OUT)-ce
+	$(DISTILL) report $(OUT)-kd $(OUT)-ce --out $(OUT)-report.png
 
 # Progressive distillation: teacher -> student 1 -> a cache of student 1 -> student 2.
 # Each stage is its own make run, so a cache written by an earlier stage is seen by the next

@@ -331,6 +331,22 @@ def student_train(student_config: tuple[str, ...], caches: tuple[str, ...], **op
         )
 
 
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option(
+    "--out", required=True, metavar="FILE", help="Picture to write: .png, .svg, .pdf, or .html (a page holding it)."
+)
+@_one_line_errors
+def report_runs(runs: tuple[str, ...], out: str) -> None:
+    """Draw student runs' loss, KD and CE curves, KL and top-1 agreement, learning rate and held-out
+    points, overlaid (from each RUN_DIR's metrics.jsonl and eval.json)."""
+    from pipeline import plots
+
+    series = [plots.run_series(folder) for folder in runs]
+    written = plots.save(plots.draw_runs(series), out, caption="runs: " + ", ".join(runs))
+    click.echo(f"wrote {written}")
+
+
 # --config FILE on the two passes (pipeline/run_config.py).
 config_option(teacher_cache)
 config_option(student_train)
@@ -339,12 +355,24 @@ config_option(student_train)
 @main.command("inspect")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+@click.option(
+    "--plot",
+    default=None,
+    metavar="FILE",
+    help="Also draw captured mass, teacher entropy and bytes per column to FILE (.png .svg .pdf .html).",
+)
 @_one_line_errors
-def inspect_cache(cache: str, as_json: bool) -> None:
+def inspect_cache(cache: str, as_json: bool, plot: str | None) -> None:
     """Summarise a cache: size, settings, teacher, and the mean captured probability mass."""
     from pipeline.report import cache_report
 
-    report = cache_report(cache)
+    report = cache_report(cache, histograms=plot is not None)
+    if plot is not None:
+        from pipeline import plots
+
+        written = plots.save(plots.draw_cache(report), plot, caption=f"cache {cache}")
+        click.echo(f"wrote {written}", err=True)
+        report = {key: value for key, value in report.items() if not key.endswith("_histogram")}
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import row_stats
-from pipeline.cache import open_cache
+from pipeline.cache import Cache, open_cache
 from pipeline.errors import CacheError
 from pipeline.fingerprint import TokenStreamHasher
 from pipeline.manifest import Manifest, ShardEntry
@@ -23,18 +23,26 @@ from pipeline.store.reader import (
     tokenizer_file_problems,
 )
 
+MASS_BINS = 50
+ENTROPY_BINS = 40
 
-def cache_report(path: str | Path) -> dict[str, Any]:
+
+def cache_report(path: str | Path, histograms: bool = False) -> dict[str, Any]:
     """Totals and settings from the manifest, plus what every row holds.
 
     Reads every row: the mean number of ids per position (distinct ids for sampled
     captures), the mean captured probability mass where rows carry log-probabilities
     (``None`` otherwise), and each column's bytes per token (its cells, without Arrow's
-    own overhead, which is ``bytes`` minus their sum).
+    own overhead, which is ``bytes`` minus their sum). With ``histograms``, also
+    ``captured_mass_histogram`` (per position, 50 bins over [0, 1]) and
+    ``teacher_entropy_histogram`` (per row, from the row statistics), each
+    ``{"edges", "counts"}`` or ``None``.
     """
     cache = open_cache(path)
     manifest = cache.manifest
     captured_sum, ids_sum, positions = 0.0, 0, 0
+    mass_edges = np.linspace(0.0, 1.0, MASS_BINS + 1)
+    mass_counts = np.zeros(MASS_BINS, dtype=np.int64)
     column_bytes: dict[str, int] = {}
     for entry in manifest.shards:
         for _, cells in iter_shard_frames(cache.path, entry, manifest):
@@ -45,7 +53,10 @@ def cache_report(path: str | Path) -> dict[str, Any]:
             ids_sum += int(valid.sum())
             positions += valid.shape[0]
             if row.logprobs is not None:
-                captured_sum += float(np.exp(row.logprobs[valid].astype(np.float64)).sum())
+                masses = np.where(valid, np.exp(row.logprobs.astype(np.float64)), 0.0).sum(axis=1)
+                captured_sum += float(masses.sum())
+                if histograms:
+                    mass_counts += np.histogram(np.clip(masses, 0.0, 1.0), bins=mass_edges)[0]
     raw = manifest.raw
     tokens = max(manifest.tokens, 1)
     return {
@@ -67,7 +78,19 @@ def cache_report(path: str | Path) -> dict[str, Any]:
         "mean_ids_per_position": ids_sum / max(positions, 1),
         "mean_captured_mass": captured_sum / max(positions, 1) if manifest.capture.has_logprobs else None,
         **teacher_confidence(manifest),
+        **(distributions(cache, mass_edges, mass_counts) if histograms else {}),
     }
+
+
+def distributions(cache: Cache, mass_edges: np.ndarray, mass_counts: np.ndarray) -> dict[str, Any]:
+    """The histograms of :func:`cache_report` (``None`` where the cache holds no such values)."""
+    has_mass = cache.manifest.capture.has_logprobs
+    mass = {"edges": mass_edges.tolist(), "counts": mass_counts.tolist()} if has_mass else None
+    entropy = None
+    if cache.manifest.has_row_stats:
+        counts, edges = np.histogram(cache.row_stats()[:, 1], bins=ENTROPY_BINS)
+        entropy = {"edges": edges.tolist(), "counts": counts.tolist()}
+    return {"captured_mass_histogram": mass, "teacher_entropy_histogram": entropy}
 
 
 def row_stats_problems(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> list[str]:
