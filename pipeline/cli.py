@@ -347,6 +347,21 @@ def report_runs(runs: tuple[str, ...], out: str) -> None:
     click.echo(f"wrote {written}")
 
 
+def _set_verbosity(_ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.getLogger("pipeline").setLevel(logging.DEBUG if param.name == "verbose" else logging.WARNING)
+
+
+def verbosity_options(command: click.Command) -> None:
+    """``-v`` and ``-q`` after the command's name too (``distill teacher-cache ... -q``), as before it."""
+    click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbosity, help="Log more detail.")(
+        command
+    )
+    click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_verbosity, help="Log only warnings.")(
+        command
+    )
+
+
 # --config FILE on the two passes (pipeline/run_config.py).
 config_option(teacher_cache)
 config_option(student_train)
@@ -476,6 +491,10 @@ def recode(**options: Any) -> None:
         f"per position, {summary.seconds:.1f} s"
         + (f"; resumed after {summary.resumed_shards} committed shard(s)" if summary.resumed_shards else "")
     )
+
+
+for _command in main.commands.values():
+    verbosity_options(_command)
 
 
 if __name__ == "__main__":

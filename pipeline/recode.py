@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline import codec_v2, paths, row_stats
 from pipeline.capture_spec import CaptureSpec
@@ -62,6 +61,7 @@ from pipeline.config import RecodeConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.fingerprint import TokenStreamHasher
 from pipeline.manifest import CHECKSUM_FIELD, FORMAT_VERSION, Column, Manifest, ShardEntry
+from pipeline.progress import progress as progress_bar
 from pipeline.resume import header_of, plan_output
 from pipeline.rows import SparseRow
 from pipeline.store import atomic, journal, layout, reader, writer
@@ -454,15 +454,8 @@ def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardE
         schema=schema,
     )
     hasher = TokenStreamHasher()
-    bar = tqdm(
-        total=source.tokens,
-        initial=sum(entry.tokens for entry in committed),
-        unit="tok",
-        unit_scale=True,
-        desc="recode",
-        disable=None if progress else True,
-        mininterval=1.0,
-    )
+    initial = sum(entry.tokens for entry in committed)
+    bar = progress_bar(source.tokens, "recode", "tok", initial, enabled=progress, unit_scale=True)
     try:
         with shard_writer:
             for number, entry in enumerate(source.shards):

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from pipeline import models
 from pipeline.capture_spec import CaptureSpec
@@ -38,6 +37,7 @@ from pipeline.monitor import (
     add_chunk_stats,
     monitor_targets,
 )
+from pipeline.progress import progress as progress_bar
 from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_previous_run, save_student
 from pipeline.store.atomic import write_bytes_atomic
 from pipeline.student_setup import StudentRun, build_optimizer, prepare_run
@@ -118,14 +118,7 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
     cfg = run.cfg
     batches = run.teacher.batches(cfg.seed, state.rows_seen, cfg.batch_size, run.device, run.order)
     run.model.train()
-    bar = tqdm(
-        total=run.total_steps,
-        initial=state.step,
-        unit="step",
-        desc="student pass",
-        disable=None if progress else True,
-        mininterval=1.0,
-    )
+    bar = progress_bar(run.total_steps, "student pass", "step", state.step, enabled=progress)
     warnings = MonitorWarnings(state.temperature, adapting=cfg.adapt_temperature)
     schedule = TemperatureSchedule(state.temperature) if cfg.adapt_temperature else None
     with open(run.plan.out / METRICS_NAME, "a") as metrics_file, bar:

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import codec_v2, models, paths, row_stats
 from pipeline.capture import capture
@@ -52,6 +51,7 @@ from pipeline.data import (
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, TokenStreamHasher, sha256_file, tokenizer_fingerprint
 from pipeline.manifest import FORMAT_VERSION, Column, ShardEntry
+from pipeline.progress import progress as progress_bar
 from pipeline.resume import plan_output
 from pipeline.rows import SparseRow
 from pipeline.store import atomic, journal, layout, reader, writer
@@ -413,15 +413,8 @@ def _write_cache(
                     "fix vocab_size in the teacher's config"
                 )
             chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
-            bar = tqdm(
-                total=cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None,
-                initial=done_rows * cfg.seq_len,
-                unit="tok",
-                unit_scale=True,
-                desc="teacher pass",
-                disable=None if progress else True,
-                mininterval=1.0,
-            )
+            total = cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None
+            bar = progress_bar(total, "teacher pass", "tok", done_rows * cfg.seq_len, enabled=progress, unit_scale=True)
             seq_index = done_rows
             checked = False
             encoder = RowEncoder(spec, settings)
