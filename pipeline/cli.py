@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -329,6 +330,42 @@ def student_train(student_config: tuple[str, ...], caches: tuple[str, ...], **op
             f"held-out: KL(teacher||student) {summary.eval['kl']:.4f} nats/token, "
             f"cross-entropy {summary.eval['ce']:.4f}, perplexity {summary.eval['perplexity']:.2f}"
         )
+
+
+@main.command("eval")
+@click.option("--student", required=True, help="The student: a student-train output folder, or any model with weights.")
+@click.option(
+    "--source",
+    "sources",
+    required=True,
+    multiple=True,
+    help="Held-out cache folder, or a dataset (local file/folder or Hub id) to run through the models; repeatable.",
+)
+@click.option("--teacher", default=None, help="The live teacher, for full-vocabulary KL and the teacher retained.")
+@click.option(
+    "--start",
+    default=None,
+    help="The student before training: 'auto' rebuilds it from the student's training.json, or give a model.",
+)
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per row of a dataset source.")
+@click.option("--max-tokens", type=int, default=65536, show_default=True, help="At most this many tokens per source.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Also write the figures to FILE as JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code.")
+@_one_line_errors
+def eval_student(json_out: str | None, sources: tuple[str, ...], **options: Any) -> None:
+    """Evaluate a student, and optionally its start and the teacher, on held-out sources: perplexity, KL,
+    top-1 agreement, calibration (ECE) and the teacher retained."""
+    from pipeline.student_eval import EvalConfig, run_eval, table
+
+    report = run_eval(EvalConfig(sources=tuple(sources), **options))
+    click.echo(table(report))
+    if json_out:
+        from pipeline.store.atomic import write_bytes_atomic
+
+        write_bytes_atomic(Path(json_out), (json.dumps(report, indent=2) + "\n").encode())
+        click.echo(f"wrote {json_out}", err=True)
 
 
 @main.command("report")

@@ -316,6 +316,15 @@ def trainer_state(run: StudentRun, state: TrainState) -> dict[str, Any]:
     }
 
 
+def start_recipe(run: StudentRun) -> dict[str, Any]:
+    """How to rebuild the student as it was before its first step (``distill eval --start auto``): the
+    pretrained weights it was loaded from, or the config, overrides and seed that built it."""
+    cfg = run.cfg
+    if run.origin != "config":
+        return {"kind": "weights", "student": cfg.student}
+    return {"kind": "config", "student": cfg.student, "student_config": list(cfg.student_config), "seed": cfg.seed}
+
+
 def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSummary:
     """Save the student, evaluate it on ``--eval-cache``, write ``training.json`` (and ``eval.json``)."""
     written = save_student(run.plan, run.model, run.tokenizer)
@@ -326,6 +335,7 @@ def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSumma
     training = {
         "config": run.cfg.to_json(),
         "student_origin": run.origin,
+        "start": start_recipe(run),
         "tokenizer_origin": run.tokenizer_origin,
         "cache_manifest_sha256": run.manifest_sha256,
         "steps": state.step,

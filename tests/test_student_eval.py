@@ -1,0 +1,106 @@
+"""``distill eval``: the figures are the metric functions' on the same logits, the start is the student
+before its first step, and several sources stand side by side."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from pipeline.config import StudentTrainConfig
+from pipeline.student_eval import EvalConfig, rebuild_start, run_eval
+from pipeline.student_setup import prepare_run
+
+
+@pytest.fixture(scope="module")
+def trained(train_cache, student_config_dir, tmp_path_factory):
+    """A student trained 6 steps from a config-built start."""
+    out = tmp_path_factory.mktemp("eval") / "student"
+    args = ["--cache", str(train_cache), "--student", str(student_config_dir), "--out", str(out)]
+    result = run_cli("student-train", *args, "--max-steps", "6", "--batch-size", "4", "--seed", "5", "--lr", "5e-3")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_rebuilt_start_is_the_student_before_its_first_step(trained, train_cache, student_config_dir, tmp_path):
+    start, described = rebuild_start(str(trained), torch.device("cpu"))
+    assert "seed 5" in described
+    run = prepare_run(
+        StudentTrainConfig(cache=str(train_cache), student=str(student_config_dir), out=str(tmp_path / "x"), seed=5)
+    )
+    for (name, a), (_, b) in zip(start.state_dict().items(), run.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_eval_reports_every_model_on_every_source_and_the_teacher_retained(
+    trained, teacher_dir, heldout_cache, corpus, tmp_path
+):
+    out = tmp_path / "eval.json"
+    sources = ["--source", str(heldout_cache), "--source", str(corpus["heldout"])]
+    args = ["eval", "--student", str(trained), "--teacher", str(teacher_dir), "--start", "auto", *sources]
+    result = run_cli(*args, "--seq-len", "32", "--max-tokens", "512", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "teacher retained (cross-entropy)" in result.output
+    report = json.loads(out.read_text())
+    assert report["models"] == ["student", "start", "teacher"]
+    cache_figures, text_figures = (report["sources"][source] for source in (str(heldout_cache), str(corpus["heldout"])))
+    assert cache_figures["kind"] == "cache" and text_figures["kind"] == "text"
+    for figures in (cache_figures, text_figures):
+        student, start, teacher = figures["student"], figures["start"], figures["teacher"]
+        assert student["ce"] < start["ce"]  # six steps taught it something
+        assert 0 < student["kl"] < start["kl"] and "kl" not in teacher
+        assert 0 <= student["ece"] <= 1 and 0 <= student["top1_agreement"] <= 1
+        expected = (start["ce"] - student["ce"]) / (start["ce"] - teacher["ce"])
+        assert figures["teacher_retained"] == pytest.approx(expected)
+    # Only a cache gives the bucket KL, and it is a different measure from the full-vocabulary KL.
+    assert "kl_cache" in cache_figures["student"] and "kl_cache" not in text_figures["student"]
+    assert cache_figures["student"]["kl_cache"] != pytest.approx(cache_figures["student"]["kl"])
+
+
+def test_eval_figures_are_the_metric_functions_on_the_same_logits(trained, teacher_dir, corpus):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.losses import next_token_labels
+    from pipeline.metrics import HeldOutMetrics
+    from pipeline.student_eval import source_batches
+
+    cfg = EvalConfig(student=str(trained), sources=(str(corpus["heldout"]),), teacher=str(teacher_dir), seq_len=32)
+    cfg = EvalConfig(**{**cfg.__dict__, "max_tokens": 256})
+    figures = run_eval(cfg)["sources"][str(corpus["heldout"])]["student"]
+    student = AutoModelForCausalLM.from_pretrained(str(trained)).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(trained))
+    metrics = HeldOutMetrics()
+    with torch.no_grad():
+        for batch in source_batches(str(corpus["heldout"]), cfg, tokenizer, torch.device("cpu")):
+            ids = batch["input_ids"]
+            metrics.update(teacher(ids).logits, student(ids).logits, next_token_labels(ids))
+    expected = metrics.result()
+    for key in ("kl", "ce", "ece", "top1_agreement"):
+        assert figures[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+def test_eval_without_a_teacher_reports_perplexity_and_calibration_alone(trained, corpus):
+    report = run_eval(EvalConfig(student=str(trained), sources=(str(corpus["heldout"]),), seq_len=32, max_tokens=256))
+    figures = report["sources"][str(corpus["heldout"])]
+    assert report["models"] == ["student"] and "teacher_retained" not in figures
+    assert set(figures["student"]) == {"ce", "perplexity", "accuracy", "ece"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--start", "auto", "--source", "SOURCE", "--student", "TEACHER"], "--start auto reads"),
+        (["--source", "SOURCE", "--student", "CONFIG"], "holds a config but no weights"),
+        (["--source", "SOURCE", "--student", "TRAINED", "--seq-len", "1"], "--seq-len must be at least 2"),
+    ],
+)
+def test_eval_refuses_in_one_line(extra, message, trained, student_config_dir, teacher_dir, corpus):
+    names = {"SOURCE": str(corpus["heldout"]), "CONFIG": str(student_config_dir), "TRAINED": str(trained)}
+    names["TEACHER"] = str(teacher_dir)
+    result = run_cli("eval", *[names.get(arg, arg) for arg in extra])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
