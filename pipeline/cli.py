@@ -337,7 +337,6 @@ def student_train(student_config: tuple[str, ...], caches: tuple[str, ...], **op
 @click.option(
     "--source",
     "sources",
-    required=True,
     multiple=True,
     help="Held-out cache folder, or a dataset (local file/folder or Hub id) to run through the models; repeatable.",
 )
@@ -351,15 +350,27 @@ def student_train(student_config: tuple[str, ...], caches: tuple[str, ...], **op
 @click.option("--max-tokens", type=int, default=65536, show_default=True, help="At most this many tokens per source.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--tasks",
+    default="",
+    metavar="T1,T2",
+    help="lm-evaluation-harness tasks to run each model on, e.g. pydoc_cloze,pydoc_perplexity (shipped) or hellaswag.",
+)
+@click.option("--task-path", default=None, help="Folder of extra task YAML files [the shipped data/lm_eval_tasks].")
+@click.option("--task-limit", type=int, default=None, help="At most this many documents per task.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Also write the figures to FILE as JSON.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code.")
 @_one_line_errors
-def eval_student(json_out: str | None, sources: tuple[str, ...], **options: Any) -> None:
+def eval_student(
+    json_out: str | None, sources: tuple[str, ...], tasks: str, task_path: str | None, **options: Any
+) -> None:
     """Evaluate a student, and optionally its start and the teacher, on held-out sources: perplexity, KL,
     top-1 agreement, calibration (ECE) and the teacher retained."""
     from pipeline.student_eval import EvalConfig, run_eval, table
 
-    report = run_eval(EvalConfig(sources=tuple(sources), **options))
+    names = tuple(name.strip() for name in tasks.split(",") if name.strip())
+    extra = {"task_path": task_path} if task_path else {}
+    report = run_eval(EvalConfig(sources=tuple(sources), tasks=names, **extra, **options))
     click.echo(table(report))
     if json_out:
         from pipeline.store.atomic import write_bytes_atomic

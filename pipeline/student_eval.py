@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,8 @@ from pipeline.teachers import OneTeacher
 
 log = logging.getLogger(__name__)
 MODEL_ROLES = ("student", "start", "teacher")
+# The local lm-evaluation-harness tasks shipped with the repository (their data paths are relative to its root).
+DEFAULT_TASK_PATH = str(Path(__file__).resolve().parents[1] / "data" / "lm_eval_tasks")
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,15 @@ class EvalConfig:
     batch_size: int = 4
     device: str = "auto"
     trust_remote_code: bool = False
+    tasks: tuple[str, ...] = ()
+    task_path: str = DEFAULT_TASK_PATH
+    task_limit: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("give at least one --source: a cache folder, or a dataset to run through the models")
+        if not self.sources and not self.tasks:
+            raise ConfigError(
+                "give at least one --source (a cache folder, or a dataset to run through the models) or --tasks"
+            )
         if self.seq_len < 2 or self.max_tokens < self.seq_len or self.batch_size < 1:
             raise ConfigError("--seq-len must be at least 2, --max-tokens at least --seq-len, --batch-size at least 1")
 
@@ -205,10 +214,78 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     models.quiet_transformers()
     device = models.pick_device(cfg.device)
     loaded, tokenizer = load_models(cfg, device)
-    return {
+    report: dict[str, Any] = {
         "student": cfg.student,
         "models": sorted(loaded, key=MODEL_ROLES.index),
         "sources": {source: evaluate_source(source, loaded, tokenizer, cfg, device) for source in cfg.sources},
+    }
+    if cfg.tasks:
+        report["tasks"] = task_report(cfg, loaded, tokenizer, device)
+    return report
+
+
+def task_report(
+    cfg: EvalConfig, loaded: dict[str, torch.nn.Module], tokenizer: Any, device: torch.device
+) -> dict[str, Any]:
+    """lm-evaluation-harness on ``cfg.tasks`` for every model; per task, each model's metrics and, where
+    the task has an accuracy, the student's over the teacher's."""
+    with tempfile.TemporaryDirectory(prefix="distill-eval-") as folder:
+        paths = {"student": str(Path(cfg.student).resolve())}
+        for role, model in loaded.items():
+            if role != "student":  # the start may exist only in memory, the teacher may be a GGUF file
+                paths[role] = str(Path(folder) / role)
+                model.save_pretrained(paths[role])
+                tokenizer.save_pretrained(paths[role])
+        scores = {role: harness_scores(path, cfg, device) for role, path in paths.items()}
+    tasks: dict[str, Any] = {}
+    for task in scores["student"]:
+        row: dict[str, Any] = {role: scores[role].get(task, {}) for role in sorted(scores, key=MODEL_ROLES.index)}
+        teacher_acc = row.get("teacher", {}).get("acc")
+        if teacher_acc:
+            row["accuracy_over_teacher"] = row["student"]["acc"] / teacher_acc
+        tasks[task] = row
+    return tasks
+
+
+def harness_scores(model_path: str, cfg: EvalConfig, device: torch.device) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of one saved model, from lm-evaluation-harness's ``simple_evaluate``.
+
+    Runs from the repository root, where the shipped tasks' data paths point.
+    """
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("--tasks needs lm-evaluation-harness; pip install 'distill-cache[eval]'") from None
+    task_path = Path(cfg.task_path).resolve()
+    if not task_path.is_dir():
+        raise ConfigError(f"--task-path '{cfg.task_path}' is not a folder of task YAML files")
+    manager = TaskManager(include_path=str(task_path))
+    unknown = [task for task in cfg.tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"--tasks: {unknown[0]!r} is not a task lm-eval knows (nor one in '{cfg.task_path}')")
+    previous = Path.cwd()
+    os.chdir(task_path.parents[1] if task_path.parent.name == "data" else task_path)
+    try:
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": model_path, "dtype": "float32"},
+            tasks=list(cfg.tasks),
+            task_manager=manager,
+            device=str(device),
+            batch_size=cfg.batch_size,
+            limit=cfg.task_limit,
+            log_samples=False,
+        )
+    finally:
+        os.chdir(previous)
+    return {
+        task: {
+            metric.split(",")[0]: float(value)
+            for metric, value in values.items()
+            if isinstance(value, (int, float)) and "stderr" not in metric and metric != "alias"
+        }
+        for task, values in (results or {}).get("results", {}).items()
     }
 
 
@@ -224,4 +301,10 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"{Path(source).name[:28]:<28} {role:<8} {cells}")
         if "teacher_retained" in figures:
             lines.append(f"{'':<28} teacher retained (cross-entropy): {100 * figures['teacher_retained']:.1f}%")
+    for task, row in report.get("tasks", {}).items():
+        for role in report["models"]:
+            shown = ", ".join(f"{metric} {value:.4f}" for metric, value in sorted(row.get(role, {}).items()))
+            lines.append(f"{'task ' + task:<28} {role:<8} {shown}")
+        if "accuracy_over_teacher" in row:
+            lines.append(f"{'':<28} student accuracy / teacher accuracy: {100 * row['accuracy_over_teacher']:.1f}%")
     return "\n".join(lines)

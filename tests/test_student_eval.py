@@ -104,3 +104,34 @@ def test_eval_refuses_in_one_line(extra, message, trained, student_config_dir, t
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_eval_runs_the_shipped_harness_task_for_the_student_and_the_teacher(trained, teacher_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "tasks.json"
+    args = ["eval", "--student", str(trained), "--teacher", str(teacher_dir), "--tasks", "pydoc_cloze"]
+    result = run_cli(*args, "--task-limit", "8", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["tasks"]["pydoc_cloze"]
+    assert 0 <= row["student"]["acc"] <= 1 and 0 <= row["teacher"]["acc"] <= 1
+    if row["teacher"]["acc"]:
+        assert row["accuracy_over_teacher"] == pytest.approx(row["student"]["acc"] / row["teacher"]["acc"])
+    assert "student accuracy / teacher accuracy" in result.output or not row["teacher"]["acc"]
+
+
+def test_an_unknown_task_is_refused_in_one_line(trained):
+    pytest.importorskip("lm_eval")
+    result = run_cli("eval", "--student", str(trained), "--tasks", "no_such_task_here")
+    assert result.exit_code == 1 and "'no_such_task_here' is not a task lm-eval knows" in result.output
+
+
+def test_the_shipped_tasks_read_their_local_data():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "lm_eval_tasks"
+    for name, keys in (("pydoc_cloze", {"context", "choices", "answer"}), ("pydoc_perplexity", {"text"})):
+        rows = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) >= 20 and all(set(row) == keys for row in rows)
+        assert f"test: data/lm_eval_tasks/{name}.jsonl" in (folder / f"{name}.yaml").read_text()
+    for row in (json.loads(line) for line in (folder / "pydoc_cloze.jsonl").read_text().splitlines()):
+        assert len(row["choices"]) == 4 and 0 <= row["answer"] < 4
