@@ -112,7 +112,7 @@ capture_flags = $(strip --capture $(CAPTURE) \
 	$(if $(CODEC_MODE),--codec-mode $(CODEC_MODE),) $(if $(LOGPROB_STEP),--logprob-step $(LOGPROB_STEP),) \
 	$(if $(SQRT_STEP),--sqrt-step $(SQRT_STEP),))
 
-.PHONY: setup demo teacher-cache student-train progressive test test-all lint format bench bench-codec bench-quality clean
+.PHONY: setup demo eval teacher-cache student-train progressive test test-all lint format bench bench-codec bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -155,6 +155,14 @@ demo: $(VENV)/.installed
 	$(DISTILL) inspect $(CACHE)
 	$(PY) -m pipeline.demo report $(OUT)-kd $(OUT)-ce
 	$(DISTILL) report $(OUT)-kd $(OUT)-ce --out $(OUT)-report.png
+
+# After make demo: the distilled student, its start and the teacher on the held-out cache and text,
+# and on the shipped lm-eval tasks (TASKS= to change them, TASKS= empty to skip them).
+TASKS ?= pydoc_cloze,pydoc_perplexity
+eval: $(VENV)/.installed
+	$(DISTILL) eval --student $(OUT)-kd --start auto --teacher $(TEACHER) --source $(EVAL_CACHE) \
+		$(if $(EVAL_DATASET),--source $(EVAL_DATASET),) $(if $(TASKS),--tasks $(TASKS),) --max-tokens 4096 \
+		--json $(OUT)-eval.json
 
 # Progressive distillation: teacher -> student 1 -> a cache of student 1 -> student 2.
 # Each stage is its own make run, so a cache written by an earlier stage is seen by the next

@@ -135,3 +135,17 @@ def test_the_shipped_tasks_read_their_local_data():
         assert f"test: data/lm_eval_tasks/{name}.jsonl" in (folder / f"{name}.yaml").read_text()
     for row in (json.loads(line) for line in (folder / "pydoc_cloze.jsonl").read_text().splitlines()):
         assert len(row["choices"]) == 4 and 0 <= row["answer"] < 4
+
+
+@pytest.mark.skipif(__import__("shutil").which("make") is None, reason="needs make")
+def test_make_eval_evaluates_the_demo_student_against_its_start_and_teacher():
+    from helpers import make_dry_run
+
+    settings = {"OUT": "students/x", "TEACHER": "models/t", "CACHE": "caches/c", "DATASET": "d.jsonl"}
+    left_out = {*settings, "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "EVAL_CACHE", "EVAL_DATASET", "TASKS"}
+    (command,), output = make_dry_run("eval", {**settings, "EVAL_DATASET": "e.jsonl"}, left_out)
+    assert command[0] == "eval", output
+    assert command[command.index("--student") + 1] == "students/x-kd"
+    assert command[command.index("--start") + 1] == "auto" and command[command.index("--teacher") + 1] == "models/t"
+    assert [command[i + 1] for i, word in enumerate(command) if word == "--source"] == ["caches/c-heldout", "e.jsonl"]
+    assert command[command.index("--tasks") + 1] == "pydoc_cloze,pydoc_perplexity"
