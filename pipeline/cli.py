@@ -270,6 +270,13 @@ def _parse_weights(value: str | None) -> tuple[float, ...] | None:
     default=None,
     help="Fraction of the run's steps after which the pool holds every row [0.5].",
 )
+@click.option(
+    "--report-to",
+    type=click.Choice(["none", "tensorboard"]),
+    default="none",
+    show_default=True,
+    help="Also write the logged metrics for TensorBoard, in --out/tensorboard.",
+)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")

@@ -150,6 +150,7 @@ class StudentTrainConfig:
         "head_chunk",
         "cache",
         "ensemble_caches",
+        "report_to",
         "out",
         "resume",
         "overwrite",
@@ -174,6 +175,7 @@ class StudentTrainConfig:
     curriculum_pacing: Literal["linear", "root"] | None = None
     curriculum_start: float | None = None
     curriculum_span: float | None = None
+    report_to: Literal["none", "tensorboard"] = "none"
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
@@ -206,6 +208,8 @@ class StudentTrainConfig:
             )
         self._check_ensemble()
         self._check_curriculum()
+        if self.report_to not in ("none", "tensorboard"):
+            raise ConfigError(f"--report-to {self.report_to!r} is not one of none, tensorboard")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         if not 0.0 <= self.beta <= 1.0:

@@ -23,6 +23,7 @@ from pipeline.config import StudentTrainConfig
 from pipeline.errors import ConfigError, OutputExistsError
 from pipeline.paths import reject_overlap, reject_url
 from pipeline.store.atomic import fsync_dir, write_bytes_atomic
+from pipeline.tracking import TENSORBOARD_DIR
 
 # What student-train writes in --out besides the model and tokenizer files, whose names
 # (whatever save_pretrained chose) OUTPUTS_NAME records before they are moved in.
@@ -31,7 +32,7 @@ TRAINING_NAME = "training.json"
 EVAL_NAME = "eval.json"
 OUTPUTS_NAME = "outputs.json"
 FINAL_STAGING = ".final.tmp"
-RUN_FOLDERS = (CHECKPOINTS, FINAL_STAGING)
+RUN_FOLDERS = (CHECKPOINTS, FINAL_STAGING, TENSORBOARD_DIR)
 RUN_FILES = (METRICS_NAME, TRAINING_NAME, EVAL_NAME, OUTPUTS_NAME)
 # write_bytes_atomic's temporary names, left behind by a crash mid-write.
 RUN_TEMPORARIES = tuple(f".{name}.tmp" for name in (TRAINING_NAME, EVAL_NAME, OUTPUTS_NAME))

@@ -42,6 +42,7 @@ from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_pr
 from pipeline.store.atomic import write_bytes_atomic
 from pipeline.student_setup import StudentRun, build_optimizer, prepare_run
 from pipeline.teachers import CaptureTeacher, TeacherSource
+from pipeline.tracking import open_sink
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
     bar = progress_bar(run.total_steps, "student pass", "step", state.step, enabled=progress)
     warnings = MonitorWarnings(state.temperature, adapting=cfg.adapt_temperature)
     schedule = TemperatureSchedule(state.temperature) if cfg.adapt_temperature else None
+    sink = open_sink(cfg.report_to, run.plan.out)
     with open(run.plan.out / METRICS_NAME, "a") as metrics_file, bar:
         while state.step < run.total_steps:
             set_learning_rate(optimizer, cfg.lr * lr_factor(state.step, run.warmup, run.total_steps))
@@ -138,8 +140,10 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
                     adapt_temperature(schedule, record, state)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                sink.write(record)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps:
                 save_checkpoint(run.plan.out, state.step, run.model, optimizer, trainer_state(run, state))
+    sink.close()
     run.model.eval()
     return state
 
@@ -347,6 +351,10 @@ def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSumma
     }
     out = run.plan.out
     write_bytes_atomic(out / TRAINING_NAME, (json.dumps(training, indent=2, sort_keys=True) + "\n").encode())
+    if results is not None and run.cfg.report_to != "none":
+        sink = open_sink(run.cfg.report_to, out)
+        sink.write_eval(results, state.step)
+        sink.close()
     if results is not None:
         write_bytes_atomic(out / EVAL_NAME, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
     return TrainSummary(

@@ -27,6 +27,7 @@ from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.losses import Divergence
 from pipeline.run_folder import OutputPlan, check_output
 from pipeline.teachers import OneTeacher, TeacherEnsemble, TeacherSource, check_ensemble
+from pipeline.tracking import check_available
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class StudentRun:
 def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
     """Open and check everything the run needs; nothing is written."""
     plan = check_output(cfg)
+    check_available(cfg.report_to)
     torch.manual_seed(cfg.seed)
     teacher, eval_cache = open_caches(cfg)
     cache = teacher.caches[0]

@@ -64,3 +64,29 @@ def test_every_command_takes_the_verbosity_flags():
     for name, command in main.commands.items():
         flags = {flag for param in command.params for flag in param.opts}
         assert {"-v", "-q", "--verbose", "--quiet"} <= flags, name
+
+
+def test_report_to_tensorboard_writes_the_logged_metrics_and_the_held_out_results(
+    train_cache, heldout_cache, student_config_dir, tmp_path
+):
+    pytest.importorskip("tensorboard")
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = ["--cache", str(train_cache), "--student", str(student_config_dir), "--out", str(out)]
+    args += ["--max-steps", "3", "--log-every", "1", "--batch-size", "2", "--eval-cache", str(heldout_cache)]
+    result = run_cli("student-train", *args, "--report-to", "tensorboard")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "kd", "ce", "kl_t1", "lr"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [event.step for event in scalars] == [record["step"] for record in records]
+        assert [event.value for event in scalars] == pytest.approx([record[key] for record in records], rel=1e-6)
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert events.Scalars("eval/kl")[-1].value == pytest.approx(evaluation["kl"], rel=1e-6)
+    again = run_cli("student-train", *args, "--report-to", "tensorboard", "--overwrite")
+    assert again.exit_code == 0, again.output  # the run's own tensorboard folder is replaced, not refused
