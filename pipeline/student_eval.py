@@ -91,9 +91,10 @@ def rebuild_start(student: str, device: torch.device) -> tuple[torch.nn.Module, 
     path = Path(student) / TRAINING_NAME
     if not path.is_file():
         raise ConfigError(f"--start auto reads '{path}', which is missing; give --start a model instead")
-    recipe = json.loads(path.read_text()).get("start")
+    training = json.loads(path.read_text())
+    recipe = training.get("start") or start_from_settings(training)
     if not isinstance(recipe, dict) or recipe.get("kind") not in ("config", "weights"):
-        raise ConfigError(f"'{path}' does not record the student's start (made by an older release); give --start")
+        raise ConfigError(f"'{path}' does not record the student's start; give --start a model")
     if recipe["kind"] == "weights":
         model, _ = models.load_student(str(recipe["student"]), {}, device)
         return model, f"pretrained weights {recipe['student']}"
@@ -101,6 +102,21 @@ def rebuild_start(student: str, device: torch.device) -> tuple[torch.nn.Module, 
     overrides = models.parse_overrides(list(recipe.get("student_config", [])))
     model, _ = models.load_student(str(recipe["student"]), overrides, device)
     return model, f"{recipe['student']} built with seed {recipe['seed']}"
+
+
+def start_from_settings(training: dict[str, Any]) -> dict[str, Any] | None:
+    """The start recipe of a ``training.json`` written before it recorded one, from its settings."""
+    cfg, origin = training.get("config"), training.get("student_origin")
+    if not isinstance(cfg, dict) or "student" not in cfg or origin is None:
+        return None
+    if origin != "config":
+        return {"kind": "weights", "student": cfg["student"]}
+    return {
+        "kind": "config",
+        "student": cfg["student"],
+        "student_config": cfg.get("student_config", []),
+        "seed": cfg.get("seed", 0),
+    }
 
 
 def load_models(cfg: EvalConfig, device: torch.device) -> tuple[dict[str, torch.nn.Module], Any]:

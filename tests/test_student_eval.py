@@ -149,3 +149,15 @@ def test_make_eval_evaluates_the_demo_student_against_its_start_and_teacher():
     assert command[command.index("--start") + 1] == "auto" and command[command.index("--teacher") + 1] == "models/t"
     assert [command[i + 1] for i, word in enumerate(command) if word == "--source"] == ["caches/c-heldout", "e.jsonl"]
     assert command[command.index("--tasks") + 1] == "pydoc_cloze,pydoc_perplexity"
+
+
+def test_a_run_recorded_before_the_start_was_rebuilds_it_from_its_settings(trained, tmp_path):
+    import shutil
+
+    older = shutil.copytree(trained, tmp_path / "older")
+    training = json.loads((older / "training.json").read_text())
+    del training["start"]
+    (older / "training.json").write_text(json.dumps(training))
+    rebuilt, _ = rebuild_start(str(older), torch.device("cpu"))
+    expected, _ = rebuild_start(str(trained), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), expected.state_dict().values()))
