@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, DistillError, SourceNotFoundError, TeacherError, first_line
-from pipeline.fingerprint import config_fingerprint, files_fingerprint, sha256_file
+from pipeline.fingerprint import config_fingerprint, files_fingerprint
+from pipeline.hash_cache import cached_sha256
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +223,11 @@ def teacher_identity(source: Source, config: Any) -> dict[str, Any]:
         "config_sha256": config_fingerprint(config),
     }
     if source.gguf_file:
-        identity["weights_sha256"] = sha256_file(Path(source.location) / source.gguf_file)
+        identity["weights_sha256"] = cached_sha256(Path(source.location) / source.gguf_file)
         identity["revision"] = None
     elif source.is_local:
         weights = [p for p in sorted(Path(source.location).iterdir()) if p.suffix in WEIGHT_SUFFIXES]
-        identity["weights_sha256"] = files_fingerprint(weights)
+        identity["weights_sha256"] = files_fingerprint(weights, hasher=cached_sha256)
         identity["revision"] = None
     else:
         commit = hub_commit(source.location)

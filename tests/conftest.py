@@ -15,6 +15,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Remembered weight hashes go to a folder of this session, never the user's cache.
+os.environ["DISTILL_HASH_CACHE"] = os.path.join(
+    __import__("tempfile").mkdtemp(prefix="distill-hash-cache-"), "file-hashes.json"
+)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
