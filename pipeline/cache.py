@@ -102,6 +102,13 @@ class Cache:
         Up to ``open_shards`` shards stay memory-mapped (the least recently used is closed
         first); each shard's hash is checked the first time it is opened, when ``verify``.
         """
+        for shard_name, cells in self.frames_at(seq_indices, open_shards):
+            yield decode_checked_row(cells, self.manifest, shard_name)
+
+    def frames_at(
+        self, seq_indices: Iterable[int], open_shards: int = 8
+    ) -> Iterator[tuple[str, dict[str, bytes | int]]]:
+        """``(shard name, encoded cells)`` of the rows of ``seq_indices``, in that order (see :meth:`rows_at`)."""
         starts = [entry.first_seq for entry in self.manifest.shards]
         opened: OrderedDict[int, ShardRows] = OrderedDict()
         try:
@@ -117,7 +124,7 @@ class Cache:
                     if len(opened) >= open_shards:
                         opened.popitem(last=False)[1].close()
                 opened[shard_index] = shard
-                yield decode_checked_row(shard.cells(seq_index - entry.first_seq), self.manifest, entry.name)
+                yield entry.name, shard.cells(seq_index - entry.first_seq)
         finally:
             for shard in opened.values():
                 shard.close()

@@ -431,12 +431,19 @@ config_option(student_train)
     metavar="FILE",
     help="Also draw captured mass, teacher entropy and bytes per column to FILE (.png .svg .pdf .html).",
 )
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Read only N rows, drawn at random, for the per-row figures (fast on huge caches) [every row].",
+)
 @_one_line_errors
-def inspect_cache(cache: str, as_json: bool, plot: str | None) -> None:
+def inspect_cache(cache: str, as_json: bool, plot: str | None, sample: int | None) -> None:
     """Summarise a cache: size, settings, teacher, and the mean captured probability mass."""
     from pipeline.report import cache_report
 
-    report = cache_report(cache, histograms=plot is not None)
+    report = cache_report(cache, histograms=plot is not None, sample=sample)
     if plot is not None:
         from pipeline import plots
 
@@ -465,6 +472,7 @@ def inspect_cache(cache: str, as_json: bool, plot: str | None) -> None:
         "mean_captured_mass",
         "teacher_mean_top1_prob",
         "teacher_mean_entropy",
+        "sampled_rows",
     ):
         click.echo(f"{key:>22}: {_shown(report[key])}")
 

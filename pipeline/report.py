@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ MASS_BINS = 50
 ENTROPY_BINS = 40
 
 
-def cache_report(path: str | Path, histograms: bool = False) -> dict[str, Any]:
+def cache_report(path: str | Path, histograms: bool = False, sample: int | None = None) -> dict[str, Any]:
     """Totals and settings from the manifest, plus what every row holds.
 
     Reads every row: the mean number of ids per position (distinct ids for sampled
@@ -36,7 +37,9 @@ def cache_report(path: str | Path, histograms: bool = False) -> dict[str, Any]:
     own overhead, which is ``bytes`` minus their sum). With ``histograms``, also
     ``captured_mass_histogram`` (per position, 50 bins over [0, 1]) and
     ``teacher_entropy_histogram`` (per row, from the row statistics), each
-    ``{"edges", "counts"}`` or ``None``.
+    ``{"edges", "counts"}`` or ``None``. With ``sample``, only that many rows, drawn evenly
+    at random (seed 0) and read by random access, give the row figures (``sampled_rows``
+    says how many), so a huge cache reports in seconds.
     """
     cache = open_cache(path)
     manifest = cache.manifest
@@ -44,21 +47,21 @@ def cache_report(path: str | Path, histograms: bool = False) -> dict[str, Any]:
     mass_edges = np.linspace(0.0, 1.0, MASS_BINS + 1)
     mass_counts = np.zeros(MASS_BINS, dtype=np.int64)
     column_bytes: dict[str, int] = {}
-    for entry in manifest.shards:
-        for _, cells in iter_shard_frames(cache.path, entry, manifest):
-            for name, cell in cells.items():
-                column_bytes[name] = column_bytes.get(name, 0) + (len(cell) if isinstance(cell, bytes) else 8)
-            row = decode_checked_row(cells, manifest, entry.name)
-            valid = row.valid()
-            ids_sum += int(valid.sum())
-            positions += valid.shape[0]
-            if row.logprobs is not None:
-                masses = np.where(valid, np.exp(row.logprobs.astype(np.float64)), 0.0).sum(axis=1)
-                captured_sum += float(masses.sum())
-                if histograms:
-                    mass_counts += np.histogram(np.clip(masses, 0.0, 1.0), bins=mass_edges)[0]
+    for shard_name, cells in report_frames(cache, sample):
+        for name, cell in cells.items():
+            column_bytes[name] = column_bytes.get(name, 0) + (len(cell) if isinstance(cell, bytes) else 8)
+        row = decode_checked_row(cells, manifest, shard_name)
+        valid = row.valid()
+        ids_sum += int(valid.sum())
+        positions += valid.shape[0]
+        if row.logprobs is not None:
+            masses = np.where(valid, np.exp(row.logprobs.astype(np.float64)), 0.0).sum(axis=1)
+            captured_sum += float(masses.sum())
+            if histograms:
+                mass_counts += np.histogram(np.clip(masses, 0.0, 1.0), bins=mass_edges)[0]
     raw = manifest.raw
     tokens = max(manifest.tokens, 1)
+    read_tokens = max(positions, 1)
     return {
         "path": str(path),
         "teacher": raw.get("teacher", {}).get("source"),
@@ -74,12 +77,24 @@ def cache_report(path: str | Path, histograms: bool = False) -> dict[str, Any]:
         "logit_width": manifest.logit_width,
         "bytes": manifest.bytes,
         "bytes_per_token": manifest.bytes / tokens,
-        "column_bytes_per_token": {name: size / tokens for name, size in column_bytes.items()},
+        "column_bytes_per_token": {name: size / read_tokens for name, size in column_bytes.items()},
+        "sampled_rows": None if sample is None else positions // manifest.seq_len,
         "mean_ids_per_position": ids_sum / max(positions, 1),
         "mean_captured_mass": captured_sum / max(positions, 1) if manifest.capture.has_logprobs else None,
         **teacher_confidence(manifest),
         **(distributions(cache, mass_edges, mass_counts) if histograms else {}),
     }
+
+
+def report_frames(cache: Cache, sample: int | None) -> Iterator[tuple[str, dict[str, bytes | int]]]:
+    """``(shard name, cells)`` of every row in order, or of ``sample`` rows drawn at random (seed 0)."""
+    if sample is None:
+        for entry in cache.manifest.shards:
+            for _, cells in iter_shard_frames(cache.path, entry, cache.manifest):
+                yield entry.name, cells
+        return
+    chosen = np.random.default_rng(0).choice(len(cache), size=min(sample, len(cache)), replace=False)
+    yield from cache.frames_at(sorted(int(index) for index in chosen))
 
 
 def distributions(cache: Cache, mass_edges: np.ndarray, mass_counts: np.ndarray) -> dict[str, Any]:

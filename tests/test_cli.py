@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from conftest import run_cli
 from torch.utils.data import DataLoader
@@ -102,3 +103,21 @@ def test_torch_dataset_splits_shards_across_workers(train_cache):
     seen = sorted(tuple(item["input_ids"][:4].tolist()) for item in loader)
     expected = sorted(tuple(row.input_ids[:4].tolist()) for row in pipeline.open_cache(train_cache))
     assert seen == expected
+
+
+def test_inspect_sample_reads_only_some_rows_and_agrees_with_a_full_read(train_cache):
+    import pipeline
+    from pipeline.report import cache_report
+
+    full = cache_report(train_cache)
+    rows = len(pipeline.open_cache(train_cache))
+    everything = cache_report(train_cache, sample=rows + 10)
+    assert full["sampled_rows"] is None and everything["sampled_rows"] == rows
+    assert everything["mean_captured_mass"] == pytest.approx(full["mean_captured_mass"], rel=1e-9)
+    assert everything["column_bytes_per_token"] == pytest.approx(full["column_bytes_per_token"])
+    result = run_cli("inspect", str(train_cache), "--sample", "5", "--json")
+    assert result.exit_code == 0, result.output
+    sampled = json.loads(result.output)
+    assert sampled["sampled_rows"] == 5 and sampled["tokens"] == full["tokens"]
+    assert sampled["mean_captured_mass"] == pytest.approx(full["mean_captured_mass"], abs=0.05)
+    assert run_cli("inspect", str(train_cache), "--sample", "0").exit_code == 2
