@@ -64,8 +64,13 @@ def run_series(folder: str | Path, name: str | None = None) -> RunSeries:
             run.values.setdefault(key, []).append(float(value) if isinstance(value, (int, float)) else math.nan)
     evaluation = folder / EVAL_NAME
     if evaluation.is_file():
-        scores = json.loads(evaluation.read_text())
-        run.evaluation = {key: float(scores[key]) for key in ("kl", "ce", "perplexity") if key in scores}
+        try:
+            scores = json.loads(evaluation.read_text())
+            if not isinstance(scores, dict):
+                raise TypeError("not an object")
+            run.evaluation = {key: float(scores[key]) for key in ("kl", "ce", "perplexity") if key in scores}
+        except (ValueError, TypeError, AttributeError):
+            raise ConfigError(f"'{evaluation}' is not the held-out results of a student-train run") from None
     return run
 
 

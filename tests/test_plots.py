@@ -70,11 +70,25 @@ def test_report_as_html_embeds_the_picture(runs, tmp_path):
     assert base64.b64decode(encoded).startswith(PNG_MAGIC)
 
 
+def _damaged(tmp, name, text):
+    """A run folder with one good metrics line, then ``name`` written as ``text``."""
+    folder = tmp / "damaged"
+    folder.mkdir(exist_ok=True)
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    (folder / name).write_text(text)
+    return folder
+
+
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
         (lambda runs, tmp: [str(tmp), "--out", str(tmp / "x.png")], "holds no metrics.jsonl"),
         (lambda runs, tmp: [str(runs[0]), "--out", str(tmp / "x.gif")], "should end in one of .png"),
+        (
+            lambda runs, tmp: [str(_damaged(tmp, "metrics.jsonl", "[1, 2]\n")), "--out", str(tmp / "x.png")],
+            "line 1 is not",
+        ),
+        (lambda runs, tmp: [str(_damaged(tmp, "eval.json", "[1]")), "--out", str(tmp / "x.png")], "not the held-out"),
     ],
 )
 def test_report_refuses_what_it_cannot_draw_in_one_line(make_args, message, runs, tmp_path):
