@@ -47,6 +47,8 @@ from pipeline.teachers import OneTeacher
 
 log = logging.getLogger(__name__)
 MODEL_ROLES = ("student", "start", "teacher")
+# Numbers lm-eval's results carry that are not metrics.
+NOT_METRICS = ("alias", "sample_len", "samples")
 # The local lm-evaluation-harness tasks shipped with the repository (their data paths are relative to its root).
 DEFAULT_TASK_PATH = str(Path(__file__).resolve().parents[1] / "data" / "lm_eval_tasks")
 
@@ -299,7 +301,7 @@ def harness_scores(model_path: str, cfg: EvalConfig, device: torch.device) -> di
         task: {
             metric.split(",")[0]: float(value)
             for metric, value in values.items()
-            if isinstance(value, (int, float)) and "stderr" not in metric and metric != "alias"
+            if isinstance(value, (int, float)) and "stderr" not in metric and metric.split(",")[0] not in NOT_METRICS
         }
         for task, values in (results or {}).get("results", {}).items()
     }
