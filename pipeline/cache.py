@@ -60,7 +60,7 @@ class Cache:
         self.path = Path(path)
         self.verify = verify
         self.manifest: Manifest = read_manifest(self.path)
-        self._checked: set[str] = set()  # shards whose hash rows_at has checked
+        self._checked: set[str] = set()  # shards whose hash rows_at or row_stats has checked
         problems = tokenizer_file_problems(self.path, self.manifest) if verify else []
         if problems:
             raise CacheError(f"'{self.path}': {problems[0]}; the cache is damaged")
@@ -92,9 +92,13 @@ class Cache:
                 f"'{self.path}' holds no per-row teacher statistics (it was written before they existed); "
                 "make the cache again with this version's teacher-cache"
             )
-        return np.concatenate(
-            [read_shard_row_stats(self.path, entry, self.manifest, self.verify) for entry in self.manifest.shards]
-        )
+        parts = []
+        for entry in self.manifest.shards:
+            parts.append(
+                read_shard_row_stats(self.path, entry, self.manifest, self.verify and entry.name not in self._checked)
+            )
+            self._checked.add(entry.name)  # rows_at will not hash it again
+        return np.concatenate(parts)
 
     def rows_at(self, seq_indices: Iterable[int], open_shards: int = 8) -> Iterator[SparseRow]:
         """The rows of ``seq_indices``, in that order, decoded and checked: random access.
