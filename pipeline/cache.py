@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline import remote
 from pipeline.errors import CacheError
 from pipeline.fingerprint import TokenStreamHasher
 from pipeline.manifest import Manifest, ShardEntry
@@ -57,7 +58,9 @@ class Cache:
     """
 
     def __init__(self, path: str | Path, verify: bool = True) -> None:
-        self.path = Path(path)
+        # A URL is read through its local mirror (pipeline.remote), checked like any local cache.
+        self.source = str(path)
+        self.path = remote.local_copy(str(path)) if remote.is_remote(path) else Path(path)
         self.verify = verify
         self.manifest: Manifest = read_manifest(self.path)
         self._checked: set[str] = set()  # shards whose hash rows_at or row_stats has checked

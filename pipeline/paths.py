@@ -13,9 +13,12 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def reject_url(value: str, flag: str) -> None:
-    """Refuse ``s3://...``, ``hf://...`` and other URLs for ``flag``: only local paths are supported yet."""
+    """Refuse ``s3://...``, ``hf://...`` and other URLs for ``flag``, an output that must be local."""
     if URL.match(value):
-        raise ConfigError(f"{flag} '{value}' is a URL; remote storage is not supported yet: give a local path")
+        raise ConfigError(
+            f"{flag} '{value}' is a URL; give a local path (caches are read from URLs as --cache, and "
+            "teacher-cache writes them to a URL --out)"
+        )
 
 
 def _resolved(path: str | Path) -> Path:

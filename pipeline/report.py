@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import row_stats
+from pipeline import remote, row_stats
 from pipeline.cache import Cache, open_cache
 from pipeline.errors import CacheError
 from pipeline.fingerprint import TokenStreamHasher
@@ -137,7 +137,7 @@ def verify_report(path: str | Path, deep: bool = False) -> tuple[list[str], int]
     ``row_stats`` cell against the shard's summary, and, when every shard reads, recomputes the
     token stream's sha256.
     """
-    cache_dir = Path(path)
+    cache_dir = remote.local_copy(str(path)) if remote.is_remote(path) else Path(path)
     manifest = read_manifest(cache_dir)
     problems = []
     rows = 0

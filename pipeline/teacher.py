@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import codec_v2, models, paths, row_stats
+from pipeline import codec_v2, models, paths, remote, row_stats
 from pipeline.capture import capture
 from pipeline.capture_spec import GENERATOR_NAME, CaptureSpec
 from pipeline.config import TeacherCacheConfig
@@ -219,7 +219,24 @@ def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSummary:
-    """Run the teacher pass described by ``cfg``, resuming an unfinished one; return what was written."""
+    """Run the teacher pass described by ``cfg``, resuming an unfinished one; return what was written.
+
+    An ``--out`` URL is written to a local staging folder first (where a killed pass
+    resumes), then uploaded with the manifest last (:mod:`pipeline.remote`).
+    """
+    if not remote.is_remote(cfg.out):
+        return _run_local(cfg, progress)
+    remote.check_remote_out(cfg.out, cfg.overwrite)
+    staging = remote.staging_folder(cfg.out)
+    log.info("writing %s through the local staging folder %s", cfg.out, staging)
+    summary = _run_local(dataclasses.replace(cfg, out=str(staging)), progress)
+    remote.upload_cache(staging, cfg.out)
+    shutil.rmtree(staging, ignore_errors=True)
+    return dataclasses.replace(summary, path=cfg.out)
+
+
+def _run_local(cfg: TeacherCacheConfig, progress: bool) -> CacheSummary:
+    """The teacher pass into a local folder."""
     started = time.time()
     out = _checked_output(cfg)
     models.quiet_transformers()

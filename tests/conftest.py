@@ -19,6 +19,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["DISTILL_HASH_CACHE"] = os.path.join(
     __import__("tempfile").mkdtemp(prefix="distill-hash-cache-"), "file-hashes.json"
 )
+# Downloads of remote caches, and staging of remote --out, likewise.
+os.environ["DISTILL_REMOTE_CACHE"] = __import__("tempfile").mkdtemp(prefix="distill-remote-")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

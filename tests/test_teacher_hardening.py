@@ -276,9 +276,10 @@ def args(teacher_dir, corpus):
     return build
 
 
-def test_url_out_is_refused_and_creates_nothing(args, tmp_path, monkeypatch):
+def test_an_out_url_of_an_unknown_storage_is_refused_and_creates_nothing(args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert "is a URL" in bad(*args("s3://bucket/cache"))
+    message = bad(*args("nosuchstorage://bucket/cache"))
+    assert "'nosuchstorage://bucket/cache'" in message and "install the filesystem's package" in message
     assert list(tmp_path.iterdir()) == []
 
 
