@@ -81,6 +81,9 @@ class CapturedBatch:
             (``-inf`` when nothing is left); ``None`` when ``logprobs`` is.
         counts: ``(N, K)`` int32 draws per slot (0 on padding and on the hybrid head);
             ``None`` for top-k and top-p.
+        top1_prob, entropy: ``(N,)`` float32, the teacher's largest probability and its
+            entropy (nats) over the full distribution, measured on the way
+            (:mod:`pipeline.row_stats`); ``None`` for ``sample`` without ``sample_logprobs``.
     """
 
     ids: torch.Tensor
@@ -88,9 +91,13 @@ class CapturedBatch:
     logprobs: torch.Tensor | None
     tail_logmass: torch.Tensor | None
     counts: torch.Tensor | None = None
+    top1_prob: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
-def capture(logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, overwrite: bool = False) -> CapturedBatch:
+def capture(
+    logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, overwrite: bool = False, measure: bool = False
+) -> CapturedBatch:
     """Capture ``N`` positions' next-token distributions as ``spec`` asks.
 
     Args:
@@ -100,6 +107,8 @@ def capture(logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, ov
             they only key the draws of ``sample`` and ``hybrid``.
         overwrite: allow reuse of ``logits``' memory (when it is float32); ``logits`` is
             garbage afterwards.
+        measure: also measure each position's top-1 probability and entropy on the way
+            (``top1_prob``, ``entropy``; not for ``sample`` without ``sample_logprobs``).
 
     Returns:
         A :class:`CapturedBatch` on ``logits``' device.
@@ -107,14 +116,16 @@ def capture(logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, ov
     assert logits.dim() == 2, f"logits must be (N, V), got {tuple(logits.shape)}"
     assert positions.shape == logits.shape[:1], f"positions must be ({logits.shape[0]},)"
     if spec.strategy == "topk":
-        ids, logprobs, tail = capture_topk(logits, int(spec.k), overwrite=overwrite)
-        return CapturedBatch(ids=ids, lengths=None, logprobs=logprobs, tail_logmass=tail)
+        scores = _float_scores(logits, overwrite)
+        ids = torch.topk(scores, int(spec.k), dim=-1).indices
+        logprobs, tail, (top1, entropy) = _logprobs_and_tail(scores, ids, measure=measure)
+        return CapturedBatch(ids, None, logprobs, tail, None, top1, entropy)
     if spec.strategy == "topp":
-        return _capture_topp(logits, spec, overwrite)
+        return _capture_topp(logits, spec, overwrite, measure)
     if spec.strategy == "sample":
-        return _capture_sample(logits, spec, positions, overwrite)
+        return _capture_sample(logits, spec, positions, overwrite, measure)
     if spec.strategy == "hybrid":
-        return _capture_hybrid(logits, spec, positions, overwrite)
+        return _capture_hybrid(logits, spec, positions, overwrite, measure)
     raise AssertionError(f"unknown capture strategy {spec.strategy!r}")
 
 
@@ -138,7 +149,7 @@ def capture_topk(
     """
     scores = _float_scores(logits, overwrite)
     topk_ids = torch.topk(scores, k, dim=-1).indices
-    topk_logprobs, tail_logmass = _logprobs_and_tail(scores, topk_ids)
+    topk_logprobs, tail_logmass, _ = _logprobs_and_tail(scores, topk_ids)
     return topk_ids, topk_logprobs, tail_logmass
 
 
@@ -160,11 +171,11 @@ def draw_uniforms(seed: int, positions: torch.Tensor, samples: int) -> torch.Ten
     return _shift_right(hashed, 11).to(torch.float64) * 2.0**-53
 
 
-def _capture_topp(logits: torch.Tensor, spec: CaptureSpec, overwrite: bool) -> CapturedBatch:
+def _capture_topp(logits: torch.Tensor, spec: CaptureSpec, overwrite: bool, measure: bool = False) -> CapturedBatch:
     """The smallest most-probable prefix reaching ``top_p``, clamped to ``[min_k, max_k]``."""
     scores = _float_scores(logits, overwrite)
     ids = torch.topk(scores, int(spec.max_k), dim=-1).indices
-    logprobs, tail = _logprobs_and_tail(scores, ids)
+    logprobs, tail, stats = _logprobs_and_tail(scores, ids, measure=measure)
     # The prefix sums run in float64 so that top_p close to 1 is not decided by float32 rounding.
     cumulative = logprobs.double().exp().cumsum(dim=-1)
     lengths = (cumulative < spec.top_p).sum(dim=-1) + 1
@@ -178,21 +189,27 @@ def _capture_topp(logits: torch.Tensor, spec: CaptureSpec, overwrite: bool) -> C
         lengths=lengths,
         logprobs=logprobs.masked_fill(~valid, float("-inf")),
         tail_logmass=tail,
+        top1_prob=stats[0],
+        entropy=stats[1],
     )
 
 
-def _capture_sample(logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, overwrite: bool) -> CapturedBatch:
+def _capture_sample(
+    logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, overwrite: bool, measure: bool = False
+) -> CapturedBatch:
     """``samples`` draws per position from ``softmax(logits / T)``: distinct ids ascending, with counts."""
     draws = _sample(logits, positions, spec, exclude=None)
     ids, counts, lengths = _count_distinct(draws)
     if not spec.sample_logprobs:
         return CapturedBatch(ids=ids, lengths=lengths, logprobs=None, tail_logmass=None, counts=counts)
     valid = _valid_slots(lengths, ids.shape[1])
-    logprobs, tail = _logprobs_and_tail(_float_scores(logits, overwrite), ids, valid)
-    return CapturedBatch(ids=ids, lengths=lengths, logprobs=logprobs, tail_logmass=tail, counts=counts)
+    logprobs, tail, (top1, entropy) = _logprobs_and_tail(_float_scores(logits, overwrite), ids, valid, measure)
+    return CapturedBatch(ids, lengths, logprobs, tail, counts, top1, entropy)
 
 
-def _capture_hybrid(logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, overwrite: bool) -> CapturedBatch:
+def _capture_hybrid(
+    logits: torch.Tensor, spec: CaptureSpec, positions: torch.Tensor, overwrite: bool, measure: bool = False
+) -> CapturedBatch:
     """The top-``k`` head, then ``samples`` draws from the rest, renormalised outside the head."""
     scores = _float_scores(logits, overwrite)
     head_ids = torch.topk(scores, int(spec.k), dim=-1).indices
@@ -202,8 +219,8 @@ def _capture_hybrid(logits: torch.Tensor, spec: CaptureSpec, positions: torch.Te
     counts = torch.cat([torch.zeros_like(head_ids, dtype=torch.int32), sampled_counts], dim=-1)
     lengths = sampled_lengths + int(spec.k)
     valid = _valid_slots(lengths, ids.shape[1])
-    logprobs, tail = _logprobs_and_tail(scores, ids, valid)
-    return CapturedBatch(ids=ids, lengths=lengths, logprobs=logprobs, tail_logmass=tail, counts=counts)
+    logprobs, tail, (top1, entropy) = _logprobs_and_tail(scores, ids, valid, measure)
+    return CapturedBatch(ids, lengths, logprobs, tail, counts, top1, entropy)
 
 
 def _float_scores(logits: torch.Tensor, overwrite: bool) -> torch.Tensor:
@@ -211,10 +228,15 @@ def _float_scores(logits: torch.Tensor, overwrite: bool) -> torch.Tensor:
     return logits.float() if overwrite else logits.float().clone()
 
 
+# Rows of exp(logit - max) made at a time beside the centred logits (64 MiB of float32).
+STATS_BLOCK_ELEMENTS = 1 << 24
+
+
 def _logprobs_and_tail(
-    scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature-1 log-probabilities of ``ids`` and the log-mass outside the valid ones.
+    scores: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None, measure: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Temperature-1 log-probabilities of ``ids``, the log-mass outside the valid ones, and each
+    position's top-1 probability and entropy over the full distribution (on the way: one more pass).
 
     Args:
         scores: ``(N, V)`` float32 logits, overwritten.
@@ -225,13 +247,44 @@ def _logprobs_and_tail(
         logprobs: ``(N, K)`` float32, ``-inf`` where not valid.
         tail_logmass: ``(N,)`` float32, summed directly over the complement (never
             ``log(1 - sum p)``, which cancels when the captured mass is close to 1).
+        stats: with ``measure``, ``(top1_prob, entropy)``, ``(N,)`` float32 each: with
+            ``e = exp(z - max z)`` and ``S = sum e``, ``1 / S`` and ``log S - sum(e log e) / S``;
+            else ``(None, None)``.
     """
     shift = scores.amax(dim=-1, keepdim=True)
     captured_logits = scores.gather(-1, ids)
-    # exp(logit - max) in place; the captured entries are then zeroed, so the second sum is
-    # the complement's mass on its own, with no subtraction to lose digits in.
-    exp = scores.sub_(shift).exp_()
-    log_total = torch.log(exp.sum(dim=-1))
+    # exp(logit - max), in place a block of rows at a time: each block's centred logits (log e)
+    # still sit beside its exp for the entropy's sum(e log e), a batched dot product, and the
+    # temporary stays one block (64 MiB). The captured entries are then zeroed, so the second
+    # sum is the complement's mass on its own, with no subtraction to lose digits in.
+    exp = scores.sub_(shift)
+    if not measure:
+        exp.exp_()
+        log_total = torch.log(exp.sum(dim=-1))
+        return _captured_and_tail(exp, ids, valid, captured_logits, shift, log_total, (None, None))
+    totals, e_log_e = [], []
+    for block in exp.split(max(1, STATS_BLOCK_ELEMENTS // max(1, exp.shape[-1])), dim=0):
+        block_exp = block.exp()
+        totals.append(block_exp.sum(dim=-1))
+        e_log_e.append(torch.bmm(block_exp.unsqueeze(1), block.unsqueeze(2)).reshape(-1))
+        block.copy_(block_exp)
+    total = torch.cat(totals) if totals else exp.new_zeros(0)
+    log_total = torch.log(total)
+    entropy = log_total - (torch.cat(e_log_e) if e_log_e else exp.new_zeros(0)) / total
+    stats = (1.0 / total, entropy.clamp_min(0.0))
+    return _captured_and_tail(exp, ids, valid, captured_logits, shift, log_total, stats)
+
+
+def _captured_and_tail(
+    exp: torch.Tensor,
+    ids: torch.Tensor,
+    valid: torch.Tensor | None,
+    captured_logits: torch.Tensor,
+    shift: torch.Tensor,
+    log_total: torch.Tensor,
+    stats: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The end of :func:`_logprobs_and_tail`, from ``exp = exp(z - max)`` (overwritten)."""
     # Padding slots repeat slot 0's id, so zeroing them leaves the complement alone.
     zeroed = ids if valid is None else torch.where(valid, ids, ids[:, :1])
     exp.scatter_(-1, zeroed, 0.0)
@@ -239,7 +292,7 @@ def _logprobs_and_tail(
     logprobs = captured_logits - shift - log_total.unsqueeze(-1)
     if valid is not None:
         logprobs = logprobs.masked_fill(~valid, float("-inf"))
-    return logprobs, tail_logmass
+    return logprobs, tail_logmass, stats
 
 
 def _valid_slots(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -58,6 +58,13 @@ def main(verbose: bool, quiet: bool) -> None:
 @main.command("teacher-cache")
 @click.option("--teacher", required=True, help="Hub id, local model folder, or .gguf file.")
 @click.option(
+    "--row-stats/--no-row-stats",
+    default=True,
+    show_default=True,
+    help="Store each row's teacher top-1 probability and entropy (what --curriculum confidence reads); "
+    "--no-row-stats saves their cost in the LM head's pass.",
+)
+@click.option(
     "--dataset", required=True, help="Hub dataset id, or a local file/folder (.txt .jsonl .json .parquet .arrow)."
 )
 @click.option("--dataset-config", default=None, help="Hub dataset configuration name.")

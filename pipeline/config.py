@@ -65,6 +65,7 @@ class TeacherCacheConfig:
     device: str = "auto"
     batch_size: int = 8
     shard_tokens: int = DEFAULT_SHARD_TOKENS
+    row_stats: bool = True
     trust_remote_code: bool = False
     overwrite: bool = False
 

@@ -42,14 +42,18 @@ def position_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns:
         ``top1_prob (N,)`` and ``entropy (N,)`` float32 (nats), on ``logits``' device.
+
+    Four passes over the logits and one ``(N, V)`` buffer: with ``m = max z``,
+    ``e = exp(z - m)`` and ``S = sum e``, the top-1 probability is ``1 / S`` and the entropy
+    ``H = m + log S - (e . z) / S`` (the dot product batched, without a second buffer).
     """
     z = logits.float()
-    log_normaliser = torch.logsumexp(z, dim=-1)
-    top1_prob = torch.exp(z.max(dim=-1).values - log_normaliser)
-    # H = log Z - sum_v p_v z_v, with p = softmax(z); terms where p underflows to 0 add nothing.
-    probs = torch.softmax(z, dim=-1)
-    entropy = log_normaliser - torch.where(probs > 0, probs * z, 0.0).sum(dim=-1)
-    return top1_prob, entropy.clamp_min(0.0)
+    shift = z.max(dim=-1, keepdim=True).values
+    exp = (z - shift).exp_()
+    total = exp.sum(dim=-1)
+    weighted = torch.bmm(exp.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
+    entropy = shift.squeeze(-1) + torch.log(total) - weighted / total
+    return 1.0 / total, entropy.clamp_min(0.0)
 
 
 def row_means(values: np.ndarray, rows: int) -> np.ndarray:

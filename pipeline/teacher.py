@@ -109,8 +109,13 @@ def _batched(
 
 @torch.inference_mode()
 def capture_batch(
-    head: models.LMHead, input_ids: torch.Tensor, spec: CaptureSpec, first_seq: int, chunk_positions: int
-) -> tuple[list[SparseRow], list[bytes]]:
+    head: models.LMHead,
+    input_ids: torch.Tensor,
+    spec: CaptureSpec,
+    first_seq: int,
+    chunk_positions: int,
+    measure: bool = True,
+) -> tuple[list[SparseRow], list[bytes] | None]:
     """Teacher forward on ``(B, T)`` int64 ids whose first row is sequence ``first_seq``; one row per sequence,
     and each row's ``row_stats`` cell (:mod:`pipeline.row_stats`).
 
@@ -126,17 +131,22 @@ def capture_batch(
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, hidden.shape[0], chunk_positions):
         logits = head.logits(hidden[start : start + chunk_positions])
-        top1_prob, entropy = row_stats.position_stats(logits)
-        captured = capture(logits, spec, positions[start : start + chunk_positions], overwrite=True)
+        # Captures that compute log-probabilities measure the statistics on the way; the others here.
+        measured = row_stats.position_stats(logits) if measure and not spec.has_logprobs else None
+        captured = capture(logits, spec, positions[start : start + chunk_positions], overwrite=True, measure=measure)
         del logits  # free this chunk's (N, V) buffer before the next one is allocated
         fields = ("ids", "lengths", "logprobs", "tail_logmass", "counts")
         parts.append({name: getattr(captured, name).cpu() for name in fields if getattr(captured, name) is not None})
-        parts[-1].update(top1_prob=top1_prob.cpu(), entropy=entropy.cpu())
+        if measure:
+            top1_prob, entropy = measured or (captured.top1_prob, captured.entropy)
+            parts[-1].update(top1_prob=top1_prob.cpu(), entropy=entropy.cpu())
     joined = {name: torch.cat([part[name] for part in parts]).numpy() for name in parts[0]}
     host_ids = input_ids.cpu().numpy()
-    top1_means = row_stats.row_means(joined["top1_prob"], batch)
-    entropy_means = row_stats.row_means(joined["entropy"], batch)
-    stats = [row_stats.encode_cell(top1, entropy) for top1, entropy in zip(top1_means, entropy_means, strict=True)]
+    stats = None
+    if measure:
+        top1_means = row_stats.row_means(joined["top1_prob"], batch)
+        entropy_means = row_stats.row_means(joined["entropy"], batch)
+        stats = [row_stats.encode_cell(top1, entropy) for top1, entropy in zip(top1_means, entropy_means, strict=True)]
     rows = []
     for row in range(batch):
         window = slice(row * seq_len, (row + 1) * seq_len)
@@ -164,7 +174,7 @@ class RowEncoder:
     def __init__(self, spec: CaptureSpec, settings: codec_v2.CodecSettings, threads: int | None = None) -> None:
         self.spec, self.settings = spec, settings
         self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
-        self.queued: list[tuple[PackedSequence, bytes, Future[dict[str, bytes]]]] = []
+        self.queued: list[tuple[PackedSequence, bytes | None, Future[dict[str, bytes]]]] = []
 
     @property
     def pending(self) -> int:
@@ -174,13 +184,14 @@ class RowEncoder:
         return codec_v2.encode_row(row, self.spec, self.settings)
 
     def submit(
-        self, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes]
+        self, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes] | None
     ) -> list[tuple[PackedSequence, dict[str, bytes | int]]]:
-        """Queue a batch of rows and their ``row_stats`` cells; the previous batch's cells, in order."""
+        """Queue a batch of rows and their ``row_stats`` cells (``None``: none); the previous batch's cells."""
         done = self.drain()
+        cells = stats if stats is not None else [None] * len(rows)
         self.queued = [
             (packed, cell, self.pool.submit(self._encode, row))
-            for packed, row, cell in zip(batch, rows, stats, strict=True)
+            for packed, row, cell in zip(batch, rows, cells, strict=True)
         ]
         return done
 
@@ -190,7 +201,8 @@ class RowEncoder:
             cells: dict[str, bytes | int] = {**future.result()}
             cells["source_record"] = packed.source_record
             cells["record_offset"] = packed.record_offset
-            cells[row_stats.COLUMN] = stats_cell
+            if stats_cell is not None:
+                cells[row_stats.COLUMN] = stats_cell
             done.append((packed, cells))
         self.queued = []
         return done
@@ -443,7 +455,8 @@ def _write_cache(
                     if not checked:
                         head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                         checked = True
-                    rows, stats = capture_batch(head, input_ids, spec, seq_index + encoder.pending, chunk_positions)
+                    first = seq_index + encoder.pending
+                    rows, stats = capture_batch(head, input_ids, spec, first, chunk_positions, cfg.row_stats)
                     # Rows encode on worker threads while the teacher runs the next batch; they are
                     # written in order, one batch behind.
                     for packed, cells in encoder.submit(batch, rows, stats):
@@ -521,7 +534,7 @@ def cache_header(
         "format_version": FORMAT_VERSION,
         "codec": cfg.codec_settings().to_json(),
         "capture": capture_header(cfg.capture_spec()),
-        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings(), row_stats=True),
+        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings(), row_stats=cfg.row_stats),
         "position_convention": "row position t holds the teacher's distribution over token t+1",
         "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
         "compute": {"device_type": device.type, "batch_size": cfg.batch_size},

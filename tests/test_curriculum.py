@@ -273,3 +273,36 @@ def test_deep_verify_compares_each_shards_row_stats_with_its_manifest_summary(tr
     (copy / "manifest.json").write_bytes(render_manifest(manifest))
     problems, _ = verify_report(copy, deep=True)
     assert len(problems) == 1 and "shard-00001.arrow': its row_stats column averages" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"strategy": "topk", "k": 8},
+        {"strategy": "topp", "k": None, "top_p": 0.9, "min_k": 1, "max_k": 16},
+        {"strategy": "sample", "k": None, "samples": 8, "sample_temperature": 1.0, "sample_logprobs": True, "seed": 1},
+        {"strategy": "hybrid", "k": 4, "samples": 8, "sample_temperature": 1.0, "seed": 1},
+    ],
+    ids=lambda spec: spec["strategy"],
+)
+def test_captures_measure_the_same_statistics_on_the_way(spec):
+    from pipeline.capture import capture
+    from pipeline.capture_spec import CaptureSpec
+
+    logits = torch.randn(12, 300, generator=torch.Generator().manual_seed(2)) * 3
+    expected = position_stats(logits)
+    captured = capture(logits.clone(), CaptureSpec(**spec), torch.arange(12), overwrite=True, measure=True)
+    assert torch.allclose(captured.top1_prob, expected[0], atol=1e-6)
+    assert torch.allclose(captured.entropy, expected[1], atol=1e-5)
+
+
+def test_a_cache_made_without_row_statistics_has_none_and_refuses_a_curriculum(
+    teacher_dir, corpus, student_config_dir, tmp_path
+):
+    options = ("--seq-len", "16", "--top-k", "4", "--max-tokens", "128", "--no-row-stats")
+    cache = make_cache(teacher_dir, corpus["heldout"], tmp_path / "plain", *options)
+    manifest = pipeline.open_cache(cache).manifest
+    assert not manifest.has_row_stats and "row_stats" not in [column.name for column in manifest.columns]
+    assert all(entry.row_stats is None for entry in manifest.shards)
+    refused = train(cache, student_config_dir, tmp_path / "refused", *CURRICULUM)
+    assert refused.exit_code != 0 and "lacks" in refused.output
