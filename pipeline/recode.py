@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import codec_v2, paths, row_stats
+from pipeline import codec_v2, paths, remote, row_stats
 from pipeline.capture_spec import CaptureSpec
 from pipeline.codec_v2 import MAX_LOGPROB_STEP, MAX_SQRT_STEP, CodecSettings
 from pipeline.config import RecodeConfig
@@ -361,7 +361,23 @@ def encode_checked(row: SparseRow, plan: RecodePlan, seq_index: int) -> dict[str
 
 
 def run_recode(cfg: RecodeConfig, progress: bool = True) -> RecodeSummary:
-    """Recode SRC into DST as ``cfg`` says, resuming an unfinished recode; return what was written."""
+    """Recode SRC into DST as ``cfg`` says, resuming an unfinished recode; return what was written.
+
+    Either may be a URL (:mod:`pipeline.remote`): SRC is read through its checked local
+    mirror, DST written to local staging and uploaded with its manifest last.
+    """
+    if not remote.is_remote(cfg.out):
+        return _recode_into_a_folder(cfg, progress)
+    remote.check_remote_out(cfg.out, cfg.overwrite)
+    staging = remote.staging_folder(cfg.out)
+    summary = _recode_into_a_folder(dataclasses.replace(cfg, out=str(staging)), progress)
+    remote.upload_cache(staging, cfg.out)
+    shutil.rmtree(staging, ignore_errors=True)
+    return dataclasses.replace(summary, path=cfg.out)
+
+
+def _recode_into_a_folder(cfg: RecodeConfig, progress: bool) -> RecodeSummary:
+    """The recode into a local folder."""
     started = time.time()
     src, out = _checked_paths(cfg)
     source = reader.read_manifest(src)
@@ -417,10 +433,15 @@ def _summary(cfg: RecodeConfig, written: Manifest, plan: RecodePlan, seconds: fl
 
 
 def _checked_paths(cfg: RecodeConfig) -> tuple[Path, Path]:
-    """``--cache`` and ``--out`` as local paths that do not overlap; refused before anything is read or created."""
-    paths.reject_url(cfg.cache, "--cache")
-    paths.reject_url(cfg.out, "--out")
-    src, out = Path(cfg.cache).expanduser(), Path(cfg.out).expanduser()
+    """``--cache`` and ``--out`` as local paths that do not overlap; refused before anything is read or created.
+
+    A URL ``--cache`` becomes its checked local mirror (``--out`` is local here).
+    """
+    out = Path(cfg.out).expanduser()
+    if remote.is_remote(cfg.cache):
+        paths.check_out_folder(out)
+        return remote.local_copy(cfg.cache), out
+    src = Path(cfg.cache).expanduser()
     try:
         same = src.resolve() == out.resolve()
         if not same:

@@ -159,3 +159,15 @@ def test_an_s3_round_trip_through_a_loopback_server(teacher_dir, corpus, monkeyp
         server.stop()
         fs.invalidate_cache() if "fs" in dir() else None
     assert os.environ["AWS_ACCESS_KEY_ID"] == "testing"
+
+
+def test_recode_reads_and_writes_urls(remote_cache):
+    out = memory_url()
+    result = run_cli("recode", "--cache", remote_cache, "--out", out, "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    recoded = pipeline.open_cache(out)
+    assert recoded.manifest.k == 2 and len(list(recoded)) == 16
+    assert (
+        recoded.manifest.raw["recoded_from"]["manifest_sha256"]
+        == pipeline.open_cache(remote_cache).manifest.raw["manifest_sha256"]
+    )
