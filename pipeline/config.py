@@ -29,7 +29,8 @@ ENSEMBLE_MODES: tuple[EnsembleMode, ...] = ("mean_prob", "mean_logprob")
 # The orders --curriculum knows, and the pacing of its pool (see pipeline/curriculum.py).
 CurriculumName = Literal["confidence"]
 CURRICULA: tuple[CurriculumName, ...] = ("confidence",)
-CURRICULUM_PACINGS = ("linear", "root")
+PacingName = Literal["linear", "root"]
+CURRICULUM_PACINGS: tuple[PacingName, ...] = ("linear", "root")
 CURRICULUM_DEFAULTS = {"curriculum_pacing": "root", "curriculum_start": 0.2, "curriculum_span": 0.5}
 # Where --adapt-temperature keeps the temperature.
 TEMPERATURE_BOUNDS = (1.0, 20.0)
@@ -173,7 +174,7 @@ class StudentTrainConfig:
     renormalize: bool = False
     adapt_temperature: bool = False
     curriculum: CurriculumName | None = None
-    curriculum_pacing: Literal["linear", "root"] | None = None
+    curriculum_pacing: PacingName | None = None
     curriculum_start: float | None = None
     curriculum_span: float | None = None
     report_to: Literal["none", "tensorboard"] = "none"

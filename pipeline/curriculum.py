@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-PacingName = Literal["linear", "root"]  # pipeline.config.CURRICULUM_PACINGS
+from pipeline.config import PacingName
+
 # Keeps the curriculum's draws apart from the other uses of the seed.
 STREAM = 0x43555252
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline import paths
 from pipeline.errors import CacheError, ConfigError, first_line
 from pipeline.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_PATTERN, Manifest, parse_manifest
 
-URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 DEFAULT_LIMIT_BYTES = 100 << 30
 TOKENIZER_DIR = "tokenizer"
 CHUNK = 1 << 20
@@ -38,7 +37,7 @@ CHUNK = 1 << 20
 
 def is_remote(path: str | Path) -> bool:
     """Whether ``path`` is a URL (a remote cache) rather than a local path."""
-    return bool(URL.match(str(path)))
+    return bool(paths.URL.match(str(path)))
 
 
 def store_root() -> Path:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline import models
-from pipeline.cache import open_cache, stack_rows
+from pipeline.cache import Cache, open_cache, stack_rows
 from pipeline.data import open_text_stream, pack_records, tokenize_records
 from pipeline.errors import ConfigError
 from pipeline.evaluate import head_chunk_positions
@@ -148,12 +148,12 @@ def load_models(cfg: EvalConfig, device: torch.device) -> tuple[dict[str, torch.
 
 
 def source_batches(
-    source: str, cfg: EvalConfig, tokenizer: Any, device: torch.device
+    source: str, cfg: EvalConfig, tokenizer: Any, device: torch.device, cache: Cache | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of a source: a cache's rows (as :func:`~pipeline.cache.stack_rows` builds them), or a
-    dataset packed with the student's tokenizer into rows of ``seq_len`` (``input_ids`` alone)."""
-    if (Path(source) / MANIFEST_NAME).is_file():
-        cache = open_cache(source)
+    """Batches of a source: the rows of ``cache`` (the source opened as one, as
+    :func:`~pipeline.cache.stack_rows` builds them), or a dataset packed with the student's
+    tokenizer into rows of ``seq_len`` (``input_ids`` alone)."""
+    if cache is not None:
         check_tokenizer_matches(tokenizer, "the student", cache, "--source")
         rows = max(1, cfg.max_tokens // cache.manifest.seq_len)
         batch: list[Any] = []
@@ -174,6 +174,11 @@ def source_batches(
         yield {"input_ids": torch.from_numpy(np.stack(sequences[start : start + cfg.batch_size])).to(device)}
 
 
+def is_cache_source(source: str) -> bool:
+    """Whether a ``--source`` is a cache folder (it holds a manifest) rather than a dataset."""
+    return (Path(source) / MANIFEST_NAME).is_file()
+
+
 @torch.no_grad()
 def evaluate_source(
     source: str, loaded: dict[str, torch.nn.Module], tokenizer: Any, cfg: EvalConfig, device: torch.device
@@ -184,10 +189,10 @@ def evaluate_source(
     chunk = head_chunk_positions(width)
     metrics = {role: HeldOutMetrics() for role in loaded}
     on_cache = {role: MonitorSums() for role in loaded if role != "teacher"}
-    is_cache = (Path(source) / MANIFEST_NAME).is_file()
-    teacher_target = OneTeacher(open_cache(source)) if is_cache else None
+    cache = open_cache(source) if is_cache_source(source) else None
+    teacher_target = OneTeacher(cache) if cache is not None else None
     tokens = 0
-    for batch in source_batches(source, cfg, tokenizer, device):
+    for batch in source_batches(source, cfg, tokenizer, device, cache):
         input_ids = batch["input_ids"]
         tokens += input_ids.numel()
         labels = next_token_labels(input_ids).reshape(-1)
@@ -203,7 +208,7 @@ def evaluate_source(
                     chunk_target = target.chunk(positions)
                     add_chunk_stats(on_cache[role], values, chunk_target, chunk_target, 1.0)
             del logits
-    figures: dict[str, Any] = {"tokens": tokens, "kind": "cache" if is_cache else "text"}
+    figures: dict[str, Any] = {"tokens": tokens, "kind": "cache" if cache is not None else "text"}
     for role in loaded:
         result = metrics[role].result()
         row = {key: result[key] for key in ("ce", "perplexity", "accuracy", "ece")}

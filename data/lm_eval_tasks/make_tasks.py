@@ -15,7 +15,6 @@ import json
 import random
 import re
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 HERE = Path(__file__).resolve().parent
