@@ -114,7 +114,7 @@ def bench_teacher(model: torch.nn.Module, batch: torch.Tensor, k: int, repeats: 
         """Forward, capture and encode (on the pass's encoder threads), as the teacher pass does."""
         rows, stats = capture_batch(head, batch, spec, 0, chunk)
         with RowEncoder(spec, settings) as encoder:
-            encoder.submit(sequences, rows, stats)
+            encoder.submit(0, sequences, rows, stats)
             encoded = encoder.drain()
         encoded_bytes.clear()
         encoded_bytes.extend(sum(len(c) for c in cells.values() if isinstance(c, bytes)) for _, cells in encoded)

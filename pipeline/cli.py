@@ -26,6 +26,7 @@ from pipeline.config import (
     StudentTrainConfig,
     TeacherCacheConfig,
 )
+from pipeline.distributed import launched_as_main
 from pipeline.errors import DistillError
 from pipeline.run_config import config_option
 
@@ -156,6 +157,8 @@ def teacher_cache(**options: Any) -> None:
     from pipeline.teacher import run_teacher_cache
 
     summary = run_teacher_cache(TeacherCacheConfig(**options))
+    if not launched_as_main():  # under torchrun, rank 0 reports for the whole pass
+        return
     if summary.status != "written":
         click.echo(
             f"cache {summary.path}: {summary.status} ({summary.tokens:,} tokens, {summary.shards} shard(s)); "

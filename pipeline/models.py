@@ -180,17 +180,30 @@ def has_learned_positions(model: nn.Module) -> bool:
 
 
 def load_teacher(
-    source: Source, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False
+    source: Source,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    gpus: list[int] | None = None,
 ) -> nn.Module:
-    """The teacher in eval mode on ``device`` (``device_map="auto"`` on CUDA when accelerate is present)."""
+    """The teacher in eval mode on ``device``.
+
+    On CUDA with accelerate present the weights are placed by ``device_map``: with ``gpus``
+    (a torchrun process's slice of the node) on those GPUs alone, one whole or spread over
+    several; without, ``auto`` over every visible GPU (and the CPU if needed).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     use_device_map = device.type == "cuda" and _has_accelerate()
-    if use_device_map:
-        # Spreads a teacher larger than one GPU over all visible GPUs (and CPU if needed).
+    if use_device_map and gpus and len(gpus) == 1:
+        kwargs["device_map"] = {"": gpus[0]}
+    elif use_device_map and gpus:
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in gpus}  # no other GPU, no CPU
+    elif use_device_map:
         kwargs["device_map"] = "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)

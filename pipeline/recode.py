@@ -459,8 +459,8 @@ def _checked_paths(cfg: RecodeConfig) -> tuple[Path, Path]:
 def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardEntry], progress: bool) -> None:
     """The loop: read, decode and check, recode, encode, write; then the tokenizer copy and the manifest.
 
-    DST's shard ``i`` holds SRC's shard ``i``'s rows, so a resumed recode skips SRC's first
-    ``len(committed)`` shards (still reading them, to hash the token stream).
+    DST's shard ``i`` holds SRC's shard ``i``'s rows, so a resumed recode skips SRC's shards
+    that are committed already (still reading them, to hash the token stream).
     """
     from pipeline.teacher import finish_manifest
 
@@ -479,8 +479,9 @@ def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardE
     bar = progress_bar(source.tokens, "recode", "tok", initial, enabled=progress, unit_scale=True)
     try:
         with shard_writer:
+            written = {committed_entry.name for committed_entry in committed}
             for number, entry in enumerate(source.shards):
-                done = number < len(committed)
+                done = layout.shard_name(number) in written
                 for seq_index, cells in reader.iter_shard_frames(src, entry, source):
                     row = reader.decode_checked_row(cells, source, entry.name)
                     hasher.update(row.input_ids)

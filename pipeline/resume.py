@@ -63,7 +63,11 @@ def describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> str:
 
 
 def _is_cache_name(name: str) -> bool:
-    return name in CACHE_NAMES or layout.SHARD_PATTERN.fullmatch(name) is not None
+    return (
+        name in CACHE_NAMES
+        or layout.SHARD_PATTERN.fullmatch(name) is not None
+        or layout.RANK_JOURNAL_PATTERN.fullmatch(name) is not None
+    )
 
 
 def is_temporary_entry(path: Path) -> bool:
@@ -84,17 +88,20 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _intact_prefix(out: Path, journaled: list[ShardEntry]) -> list[ShardEntry]:
-    """The journaled shards, in order, up to the first that is missing or damaged."""
-    intact: list[ShardEntry] = []
+def _intact(out: Path, journaled: list[ShardEntry]) -> list[ShardEntry]:
+    """The journaled shards whose files are there with their recorded size and sha256, by first sequence.
+
+    A shard is defined by its sequence range alone, so each one stands by itself: a missing or
+    damaged shard is written again without rewriting the shards after it.
+    """
+    intact: dict[str, ShardEntry] = {}
     for entry in journaled:
         path = out / entry.name
-        if not path.is_file() or path.is_symlink() or path.stat().st_size != entry.bytes:
-            break
-        if sha256_file(path) != entry.sha256:
-            break
-        intact.append(entry)
-    return intact
+        if entry.name in intact or not path.is_file() or path.is_symlink() or path.stat().st_size != entry.bytes:
+            continue
+        if sha256_file(path) == entry.sha256:
+            intact[entry.name] = entry
+    return sorted(intact.values(), key=lambda entry: entry.first_seq)
 
 
 def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPlan:
@@ -112,7 +119,7 @@ def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPla
     # A pass writes its journal before anything else and deletes it only after the
     # manifest, so cache-named files without either were not left by a pass: not ours to delete.
     lasting = sorted(p.name for p in entries if not is_temporary_entry(p))
-    if lasting and not (out / MANIFEST_NAME).exists() and not (out / layout.JOURNAL_NAME).exists():
+    if lasting and not (out / MANIFEST_NAME).exists() and not any(_is_journal(p.name) for p in entries):
         raise OutputExistsError(
             f"--out '{out}' holds {', '.join(lasting[:3])} but no {MANIFEST_NAME} or {layout.JOURNAL_NAME}, "
             "so no pass of this tool left them; move them away or choose another folder"
@@ -137,27 +144,44 @@ def plan_output(out: Path, header: dict[str, Any], overwrite: bool) -> OutputPla
                 f"({describe_difference(existing, header)}); "
                 "pass --overwrite to replace it, or choose another folder"
             )
-        (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
+        journal.remove_journals(out)
         return OutputPlan("complete")
-    found = journal.read_journal(out)
-    if found is None:
+    found = journal.read_journals(out)
+    if not any(content is not None for _, content in found):
         if any(p.exists() for p in entries):
             raise OutputExistsError(
                 f"--out '{out}' holds a partial cache without a readable {layout.JOURNAL_NAME}; "
                 "pass --overwrite to start afresh"
             )
         return OutputPlan("fresh")
-    recorded, journaled = found
-    if recorded != header:
-        raise OutputExistsError(
-            f"--out '{out}' holds an unfinished pass of another command ({describe_difference(recorded, header)}); "
-            "run that command to finish it, or pass --overwrite to start afresh"
-        )
-    committed = _intact_prefix(out, journaled)
+    journaled: list[ShardEntry] = []
+    for name, content in found:
+        if content is None:
+            raise OutputExistsError(
+                f"--out '{out}': the journal {name} of an unfinished pass is unreadable; "
+                "pass --overwrite to start afresh"
+            )
+        recorded, shards = content
+        if recorded != header:
+            raise OutputExistsError(
+                f"--out '{out}' holds an unfinished pass of another command "
+                f"({describe_difference(recorded, header)}); "
+                "run that command to finish it, or pass --overwrite to start afresh"
+            )
+        journaled += shards
+    committed = _intact(out, journaled)
+    # One journal from here on (rank 0's), written before the others are deleted, so a crash
+    # in between leaves journals that still agree.
+    journal.write_journal(out, header, committed)
     keep = {entry.name for entry in committed} | {layout.JOURNAL_NAME}
     for path in out.iterdir():
         if path.name != layout.LOCK_NAME and path.name not in keep:
             _remove(path)
-    if len(committed) < len(journaled):
-        log.warning("shard %s is missing or damaged; resuming from it", journaled[len(committed)].name)
+    lost = sorted({entry.name for entry in journaled} - keep)
+    if lost:
+        log.warning("shard(s) %s missing or damaged; writing them again", ", ".join(lost[:5]))
     return OutputPlan("resume", committed)
+
+
+def _is_journal(name: str) -> bool:
+    return name == layout.JOURNAL_NAME or layout.RANK_JOURNAL_PATTERN.fullmatch(name) is not None

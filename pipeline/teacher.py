@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import codec_v2, models, paths, remote, row_stats
+from pipeline import codec_v2, distributed, models, paths, remote, row_stats
 from pipeline.capture import capture
 from pipeline.capture_spec import GENERATOR_NAME, CaptureSpec
 from pipeline.config import TeacherCacheConfig
@@ -48,11 +47,11 @@ from pipeline.data import (
     skip_documents_with_ids_from,
     tokenize_records,
 )
-from pipeline.errors import ConfigError, DatasetError
+from pipeline.errors import CacheError, ConfigError, DatasetError
 from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, TokenStreamHasher, sha256_file, tokenizer_fingerprint
 from pipeline.manifest import FORMAT_VERSION, Column, ShardEntry
 from pipeline.progress import progress as progress_bar
-from pipeline.resume import plan_output
+from pipeline.resume import OutputPlan, plan_output
 from pipeline.rows import SparseRow
 from pipeline.store import atomic, journal, layout, reader, writer
 
@@ -89,22 +88,42 @@ class CacheSummary:
         return (self.tokens - self.resumed_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _batched(
-    sequences: Iterator[PackedSequence], batch_size: int, rows_per_shard: int, first_seq: int
-) -> Iterator[list[PackedSequence]]:
-    """Group sequences into batches that never straddle a shard boundary.
+@dataclass
+class StreamCount:
+    """Sequences the packed stream gave (every rank sees them all)."""
 
-    A resumed pass starts at a shard boundary, so aligning batches to shards gives it the
-    very batches an uninterrupted pass runs, and with them the same bytes.
+    sequences: int = 0
+
+
+def owned_batches(
+    sequences: Iterator[PackedSequence],
+    batch_size: int,
+    rows_per_shard: int,
+    owned: Callable[[int], bool],
+    hasher: TokenStreamHasher,
+    count: StreamCount,
+) -> Iterator[tuple[int, list[PackedSequence]]]:
+    """``(first sequence index, batch)`` for the sequences of the shards ``owned(shard)`` says to write.
+
+    Every sequence of the stream is hashed and counted, written here or not. Batches never
+    straddle a shard boundary and start at its first row, so a shard's batches (and with
+    them its bytes) are the same whichever process writes it, and whether the pass resumed.
     """
-    seq_index = first_seq
-    while True:
-        room = rows_per_shard - seq_index % rows_per_shard
-        batch = list(itertools.islice(sequences, min(batch_size, room)))
+    batch: list[PackedSequence] = []
+    first = 0
+    for seq_index, sequence in enumerate(sequences):
+        hasher.update(sequence.input_ids)
+        count.sequences = seq_index + 1
+        if not owned(seq_index // rows_per_shard):
+            continue
         if not batch:
-            return
-        seq_index += len(batch)
-        yield batch
+            first = seq_index
+        batch.append(sequence)
+        if len(batch) == batch_size or (seq_index + 1) % rows_per_shard == 0:
+            yield first, batch
+            batch = []
+    if batch:
+        yield first, batch
 
 
 @torch.inference_mode()
@@ -166,44 +185,40 @@ def capture_batch(
 class RowEncoder:
     """Encodes captured rows on worker threads, one batch behind the teacher (zstd and numpy release the GIL).
 
-    :meth:`submit` queues a batch and returns the previous batch's ``(sequence, cells)``
-    in order; :meth:`drain` returns the last. ``pending`` counts rows queued but not yet
-    returned. Output is the same whatever the number of threads.
+    :meth:`submit` queues a batch and returns the previous batch's ``(sequence index, cells)``
+    in order; :meth:`drain` returns the last. Output is the same whatever the number of threads.
     """
 
     def __init__(self, spec: CaptureSpec, settings: codec_v2.CodecSettings, threads: int | None = None) -> None:
         self.spec, self.settings = spec, settings
         self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
-        self.queued: list[tuple[PackedSequence, bytes | None, Future[dict[str, bytes]]]] = []
-
-    @property
-    def pending(self) -> int:
-        return len(self.queued)
+        self.queued: list[tuple[int, PackedSequence, bytes | None, Future[dict[str, bytes]]]] = []
 
     def _encode(self, row: SparseRow) -> dict[str, bytes]:
         return codec_v2.encode_row(row, self.spec, self.settings)
 
     def submit(
-        self, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes] | None
-    ) -> list[tuple[PackedSequence, dict[str, bytes | int]]]:
-        """Queue a batch of rows and their ``row_stats`` cells (``None``: none); the previous batch's cells."""
+        self, first_seq: int, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes] | None
+    ) -> list[tuple[int, dict[str, bytes | int]]]:
+        """Queue a batch (sequences ``first_seq`` on) and its ``row_stats`` cells (``None``: none);
+        return the previous batch's cells."""
         done = self.drain()
         cells = stats if stats is not None else [None] * len(rows)
         self.queued = [
-            (packed, cell, self.pool.submit(self._encode, row))
-            for packed, row, cell in zip(batch, rows, cells, strict=True)
+            (first_seq + offset, packed, cell, self.pool.submit(self._encode, row))
+            for offset, (packed, row, cell) in enumerate(zip(batch, rows, cells, strict=True))
         ]
         return done
 
-    def drain(self) -> list[tuple[PackedSequence, dict[str, bytes | int]]]:
+    def drain(self) -> list[tuple[int, dict[str, bytes | int]]]:
         done = []
-        for packed, stats_cell, future in self.queued:
+        for seq_index, packed, stats_cell, future in self.queued:
             cells: dict[str, bytes | int] = {**future.result()}
             cells["source_record"] = packed.source_record
             cells["record_offset"] = packed.record_offset
             if stats_cell is not None:
                 cells[row_stats.COLUMN] = stats_cell
-            done.append((packed, cells))
+            done.append((seq_index, cells))
         self.queued = []
         return done
 
@@ -211,7 +226,7 @@ class RowEncoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for _, _, future in self.queued:
+        for *_, future in self.queued:
             future.cancel()
         self.pool.shutdown(wait=True)
 
@@ -233,22 +248,63 @@ def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
 def run_teacher_cache(cfg: TeacherCacheConfig, progress: bool = True) -> CacheSummary:
     """Run the teacher pass described by ``cfg``, resuming an unfinished one; return what was written.
 
-    An ``--out`` URL is written to a local staging folder first (where a killed pass
-    resumes), then uploaded with the manifest last (:mod:`pipeline.remote`).
+    Under torchrun every process runs this; rank ``r`` of ``W`` writes shards ``r``, ``r + W``,
+    ... and rank 0 the manifest, once all are committed (:func:`_write_cache`). An ``--out``
+    URL is written to a local staging folder first (where a killed pass resumes), then
+    uploaded by rank 0 with the manifest last (:mod:`pipeline.remote`).
     """
+    world = distributed.current_world(models.pick_device(cfg.device).type)
     if not remote.is_remote(cfg.out):
-        return _run_local(cfg, progress)
+        return _run_local(cfg, progress, world)
     remote.check_remote_out(cfg.out, cfg.overwrite)
     staging = remote.staging_folder(cfg.out)
     log.info("writing %s through the local staging folder %s", cfg.out, staging)
-    summary = _run_local(dataclasses.replace(cfg, out=str(staging)), progress)
-    remote.upload_cache(staging, cfg.out)
-    shutil.rmtree(staging, ignore_errors=True)
+    summary = _run_local(dataclasses.replace(cfg, out=str(staging)), progress, world)
+    if world.is_main:
+        remote.upload_cache(staging, cfg.out)
+        shutil.rmtree(staging, ignore_errors=True)
     return dataclasses.replace(summary, path=cfg.out)
 
 
-def _run_local(cfg: TeacherCacheConfig, progress: bool) -> CacheSummary:
-    """The teacher pass into a local folder."""
+@contextlib.contextmanager
+def _claimed_output(
+    out: Path, header: dict[str, Any], overwrite: bool, world: distributed.World
+) -> Iterator[OutputPlan]:
+    """The plan for ``out`` (fresh, resume, complete), with the folder locked while the pass runs.
+
+    Rank 0 creates and locks the folder, tidies it (:func:`~pipeline.resume.plan_output`) and
+    records the shards already committed in its journal; the other ranks wait for it, then
+    read that journal. Folders this run created are removed again if it fails before using them.
+    """
+    if not world.is_main:
+        if world.broadcast_int(-1):
+            yield OutputPlan("complete")
+            return
+        found = journal.read_journal(out)
+        if found is None or found[0] != header:
+            raise ConfigError(
+                f"rank {world.rank}: --out '{out}' does not hold rank 0's journal for these settings; "
+                "every process must see the same --out folder (a filesystem shared by all nodes)"
+            )
+        yield OutputPlan("resume" if found[1] else "fresh", found[1])
+        return
+    new_folders = paths.make_output_folder(out)
+    try:
+        with journal.CacheLock(out):
+            plan = plan_output(out, header, overwrite)
+            if plan.action != "complete":
+                journal.write_journal(out, header, plan.committed)
+            world.broadcast_int(int(plan.action == "complete"))
+            yield plan
+    except BaseException:
+        for folder in reversed(new_folders):  # only folders this run made, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _run_local(cfg: TeacherCacheConfig, progress: bool, world: distributed.World) -> CacheSummary:
+    """The teacher pass into a local folder (on every rank, into the same one)."""
     started = time.time()
     out = _checked_output(cfg)
     models.quiet_transformers()
@@ -266,59 +322,54 @@ def _run_local(cfg: TeacherCacheConfig, progress: bool) -> CacheSummary:
     stream = open_text_stream(
         cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.txt_sample_by, cfg.txt_encoding_errors
     )
-    device = models.pick_device(cfg.device)
+    device = world.device(models.pick_device(cfg.device))
     dtype = models.pick_dtype(cfg.dtype, device)
     header = cache_header(cfg, stream.display, teacher_source, config, tokenizer, width, dtype, device)
-    new_folders = paths.make_output_folder(out)
-    try:
-        with journal.CacheLock(out):
-            plan = plan_output(out, header, cfg.overwrite)
-            if plan.action == "complete":
-                log.info("cache %s is already complete for these settings; nothing to do", out)
-                manifest = reader.read_manifest(out)
-                totals = (manifest.sequences, manifest.tokens, len(manifest.shards), manifest.bytes)
-                return CacheSummary(str(out), *totals, seconds=0.0, status="already complete")
-            summary = _write_cache(
-                cfg,
-                out,
-                header,
-                plan.committed,
-                stream,
-                teacher_source,
-                tokenizer,
-                width,
-                width if unembeddable else None,
-                dtype,
-                device,
-                progress,
-            )
-    except BaseException:
-        for folder in reversed(new_folders):  # only folders this run made, and only while empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+    with _claimed_output(out, header, cfg.overwrite, world) as plan:
+        if plan.action == "complete":
+            log.info("cache %s is already complete for these settings; nothing to do", out)
+            manifest = reader.read_manifest(out)
+            totals = (manifest.sequences, manifest.tokens, len(manifest.shards), manifest.bytes)
+            return CacheSummary(str(out), *totals, seconds=0.0, status="already complete")
+        summary = _write_cache(
+            cfg,
+            out,
+            header,
+            plan.committed,
+            stream,
+            teacher_source,
+            tokenizer,
+            width,
+            width if unembeddable else None,
+            dtype,
+            device,
+            progress,
+            world,
+        )
     seconds = time.time() - started
     resumed_tokens = sum(entry.tokens for entry in plan.committed)
     finished = dataclasses.replace(
         summary, seconds=seconds, resumed_tokens=resumed_tokens, skipped_files=stream.skipped_files
     )
-    journal.write_run_log(
-        out,
-        {
-            "command": "teacher-cache",
-            "argv": sys.argv,
-            "config": cfg.to_json(),
-            "host": platform.node(),
-            "device": str(device),
-            "dtype": str(dtype),
-            "resumed_after_sequences": plan.committed[-1].first_seq + plan.committed[-1].rows if plan.committed else 0,
-            "skipped_documents_unembeddable_ids": finished.skipped_documents,
-            "skipped_files_not_utf8": list(stream.skipped_files),
-            "started_unix": started,
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(finished.tokens_per_second, 2),
-        },
-    )
+    if world.is_main:
+        journal.write_run_log(
+            out,
+            {
+                "command": "teacher-cache",
+                "argv": sys.argv,
+                "config": cfg.to_json(),
+                "host": platform.node(),
+                "device": str(device),
+                "dtype": str(dtype),
+                "world_size": world.size,
+                "resumed_shards": len(plan.committed),
+                "skipped_documents_unembeddable_ids": finished.skipped_documents,
+                "skipped_files_not_utf8": list(stream.skipped_files),
+                "started_unix": started,
+                "seconds": round(seconds, 3),
+                "tokens_per_second": round(finished.tokens_per_second, 2),
+            },
+        )
     return finished
 
 
@@ -392,35 +443,40 @@ def _write_cache(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool,
+    world: distributed.World,
 ) -> CacheSummary:
     """The loop: batch, forward, capture, encode, write; then the tokenizer and the manifest.
 
-    Documents holding an id ``>= skip_from_id`` (one the teacher cannot embed) are left out.
+    This rank writes the shards ``r, r + W, ...`` not yet ``committed``; every rank reads
+    (and hashes) the whole stream. Documents holding an id ``>= skip_from_id`` (one the
+    teacher cannot embed) are left out. Rank 0 writes the manifest once every rank's shards
+    are committed; on the other ranks the summary is of this rank's shards alone.
     """
-    journal.write_journal(out, header, committed)
     spec, settings = cfg.capture_spec(), cfg.codec_settings()
     schema = layout.schema_v2([Column(**column) for column in header["columns"]], settings.label)
     shard_writer = writer.ShardWriter(
         out,
         cfg.rows_per_shard,
-        committed,
-        on_commit=lambda done: journal.write_journal(out, header, done),
+        committed if world.is_main else [],
+        on_commit=lambda done: journal.write_journal(out, header, done, world.rank),
         schema=schema,
     )
-    done_rows = committed[-1].first_seq + committed[-1].rows if committed else 0
-    hasher = TokenStreamHasher()
-    skipped = SkippedDocuments()
+    finished = {entry.first_seq // cfg.rows_per_shard for entry in committed}
+
+    def owned(shard: int) -> bool:
+        return shard % world.size == world.rank and shard not in finished
+
+    hasher, count, skipped = TokenStreamHasher(), StreamCount(), SkippedDocuments()
     records = skip_documents_with_ids_from(tokenize_records(stream.documents, tokenizer), skip_from_id, skipped)
     sequences = pack_records(records, cfg.seq_len, cfg.max_sequences)
-    for sequence in itertools.islice(sequences, done_rows):  # already in committed shards
-        hasher.update(sequence.input_ids)
     try:
         with shard_writer:
-            model = models.load_teacher(teacher_source, dtype, device, cfg.trust_remote_code)
+            gpus = world.gpus() if world.is_distributed and device.type == "cuda" else None
+            model = models.load_teacher(teacher_source, dtype, device, cfg.trust_remote_code, gpus)
             head = models.LMHead(model)
             atomic.crash_point("teacher-loaded")
             log.info(
-                "teacher %s (%d logits) on %s in %s; dataset %s; capture %s, seq_len=%d%s",
+                "teacher %s (%d logits) on %s in %s; dataset %s; capture %s, seq_len=%d%s%s",
                 teacher_source.display,
                 width,
                 device,
@@ -428,7 +484,10 @@ def _write_cache(
                 stream.display,
                 ", ".join(f"{key}={value}" for key, value in spec.to_json().items()),
                 cfg.seq_len,
-                f"; resuming after {done_rows} sequences" if done_rows else "",
+                f"; {len(committed)} shard(s) already committed" if committed else "",
+                f"; rank {world.rank} of {world.size} writes shards {world.rank}, {world.rank + world.size}, ..."
+                if world.is_distributed
+                else "",
             )
             input_device = model.get_input_embeddings().weight.device
             embedding_rows = model.get_input_embeddings().weight.shape[0]
@@ -442,40 +501,35 @@ def _write_cache(
                     "fix vocab_size in the teacher's config"
                 )
             chunk_positions = max(1, HEAD_CHUNK_ELEMENTS // width)
-            total = cfg.max_sequences * cfg.seq_len if cfg.max_sequences else None
-            bar = progress_bar(total, "teacher pass", "tok", done_rows * cfg.seq_len, enabled=progress, unit_scale=True)
-            seq_index = done_rows
+            single = not world.is_distributed and not committed
+            total = cfg.max_sequences * cfg.seq_len if cfg.max_sequences and single else None
+            bar = progress_bar(total, "teacher pass", "tok", 0, enabled=progress and world.is_main, unit_scale=True)
             checked = False
-            encoder = RowEncoder(spec, settings)
-            with encoder:
-                for batch in _batched(sequences, cfg.batch_size, cfg.rows_per_shard, done_rows):
+            with RowEncoder(spec, settings) as encoder:
+                batches = owned_batches(sequences, cfg.batch_size, cfg.rows_per_shard, owned, hasher, count)
+                for first, batch in batches:
                     token_ids = np.stack([packed.input_ids for packed in batch])
                     assert int(token_ids.max()) < embedding_rows, "documents with unembeddable ids are skipped upstream"
                     input_ids = torch.from_numpy(token_ids).to(input_device)
                     if not checked:
                         head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                         checked = True
-                    first = seq_index + encoder.pending
                     rows, stats = capture_batch(head, input_ids, spec, first, chunk_positions, cfg.row_stats)
                     # Rows encode on worker threads while the teacher runs the next batch; they are
                     # written in order, one batch behind.
-                    for packed, cells in encoder.submit(batch, rows, stats):
-                        hasher.update(packed.input_ids)
+                    for seq_index, cells in encoder.submit(first, batch, rows, stats):
                         shard_writer.add(seq_index, cells, cfg.seq_len)
-                        seq_index += 1
                     bar.update(token_ids.size)
-                for packed, cells in encoder.drain():
-                    hasher.update(packed.input_ids)
+                for seq_index, cells in encoder.drain():
                     shard_writer.add(seq_index, cells, cfg.seq_len)
-                    seq_index += 1
             bar.close()
     except BaseException:
-        if not shard_writer.shards:  # nothing worth resuming: leave no trace of this pass
-            (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
+        if world.is_main and not shard_writer.shards and not journal.rank_journals(out):
+            journal.remove_journals(out)  # nothing worth resuming: leave no trace of this pass
         raise
-    committed = shard_writer.shards
-    if not committed:
-        (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
+    if not count.sequences:
+        if world.is_main:
+            journal.remove_journals(out)
         because = (
             f" ({skipped.count} document(s) skipped: they hold ids the teacher cannot embed)" if skipped.count else ""
         )
@@ -483,11 +537,24 @@ def _write_cache(
             f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence{because}; "
             "add data or lower --seq-len"
         )
+    world.barrier()  # every rank's shards are committed and journaled
+    if not world.is_main:
+        mine = shard_writer.shards
+        return CacheSummary(
+            str(out),
+            sum(entry.rows for entry in mine),
+            sum(entry.tokens for entry in mine),
+            len(mine),
+            sum(entry.bytes for entry in mine),
+            0.0,
+            skipped_documents=skipped.count,
+        )
+    every_shard = all_committed(out, header, count.sequences, cfg.rows_per_shard)
     tokenizer_files = _save_tokenizer(tokenizer, out)
     atomic.crash_point("tokenizer-saved")
-    manifest = finish_manifest(header, hasher, committed, tokenizer_files, stream.file_starts)
+    manifest = finish_manifest(header, hasher, every_shard, tokenizer_files, stream.file_starts)
     writer.write_manifest(out, manifest)
-    (out / layout.JOURNAL_NAME).unlink(missing_ok=True)
+    journal.remove_journals(out)
     atomic.fsync_dir(out)
     totals = manifest["totals"]
     return CacheSummary(
@@ -499,6 +566,24 @@ def _write_cache(
         0.0,
         skipped_documents=skipped.count,
     )
+
+
+def all_committed(out: Path, header: dict[str, Any], sequences: int, rows_per_shard: int) -> list[ShardEntry]:
+    """Every rank's committed shards, from their journals, checked to cover the ``sequences`` of the stream."""
+    entries: dict[str, ShardEntry] = {}
+    for name, content in journal.read_journals(out):
+        if content is None or content[0] != header:
+            raise CacheError(f"--out '{out}': the journal {name} is unreadable or of other settings; run again")
+        entries.update((entry.name, entry) for entry in content[1])
+    expected = [layout.shard_name(index) for index in range(-(-sequences // rows_per_shard))]
+    missing = [name for name in expected if name not in entries]
+    if missing or len(entries) != len(expected):
+        raise CacheError(
+            f"--out '{out}': shard(s) {', '.join(missing[:3]) or 'beyond the stream'} not committed when every "
+            "rank had finished; every process must write to the same folder (on several machines, a filesystem "
+            "they share); run the same command again to complete the cache"
+        )
+    return [entries[name] for name in expected]
 
 
 def _fingerprint(tokenizer: Any, teacher_source: models.Source) -> str:
@@ -584,6 +669,7 @@ def finish_manifest(
     file_starts: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The header plus what the pass produced (``file_starts``: each local file's name and first record)."""
+    committed = sorted(committed, key=lambda entry: entry.first_seq)
     dataset = {**header["dataset"], "token_stream_sha256": hasher.hexdigest()}
     if file_starts:
         dataset["files"] = [{"name": name, "first_record": first} for name, first in file_starts]

@@ -15,20 +15,22 @@ from typing import Any
 from pipeline.errors import CacheLockedError, OutputExistsError
 from pipeline.manifest import ShardEntry
 from pipeline.store.atomic import write_bytes_atomic
-from pipeline.store.layout import JOURNAL_NAME, LOCK_NAME, RUN_LOG_NAME
+from pipeline.store.layout import JOURNAL_NAME, LOCK_NAME, RANK_JOURNAL_PATTERN, RUN_LOG_NAME, journal_name
 
 
-def write_journal(cache_dir: Path, header: dict[str, Any], shards: list[ShardEntry]) -> None:
-    """Record a pass in progress: the settings that define it and the shards committed so far."""
+def write_journal(cache_dir: Path, header: dict[str, Any], shards: list[ShardEntry], rank: int = 0) -> None:
+    """Record a pass in progress: the settings that define it and the shards ``rank`` committed so far.
+
+    Each process of a data-parallel pass keeps its own journal (:func:`~pipeline.store.layout.journal_name`);
+    rank 0's also lists the shards earlier runs committed.
+    """
     journal = {"header": header, "shards": [entry.to_json() for entry in shards]}
     payload = (json.dumps(journal, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
-    write_bytes_atomic(cache_dir / JOURNAL_NAME, payload, crash_name="journal")
+    write_bytes_atomic(cache_dir / journal_name(rank), payload, crash_name="journal")
 
 
-def read_journal(cache_dir: Path) -> tuple[dict[str, Any], list[ShardEntry]] | None:
-    """The journal of an unfinished pass, or ``None`` if there is none or it is unreadable."""
-    path = cache_dir / JOURNAL_NAME
-    if not path.is_file():
+def _read_one(path: Path) -> tuple[dict[str, Any], list[ShardEntry]] | None:
+    if not path.is_file() or path.is_symlink():
         return None
     try:
         journal = json.loads(path.read_bytes())
@@ -36,6 +38,29 @@ def read_journal(cache_dir: Path) -> tuple[dict[str, Any], list[ShardEntry]] | N
         return journal["header"], shards
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return None
+
+
+def read_journal(cache_dir: Path) -> tuple[dict[str, Any], list[ShardEntry]] | None:
+    """Rank 0's journal of an unfinished pass, or ``None`` if there is none or it is unreadable."""
+    return _read_one(cache_dir / JOURNAL_NAME)
+
+
+def rank_journals(cache_dir: Path) -> list[Path]:
+    """The journals of ranks other than 0 in ``cache_dir``, by rank."""
+    return sorted(path for path in cache_dir.iterdir() if RANK_JOURNAL_PATTERN.fullmatch(path.name))
+
+
+def read_journals(cache_dir: Path) -> list[tuple[str, tuple[dict[str, Any], list[ShardEntry]] | None]]:
+    """Every journal in ``cache_dir`` (rank 0's first, if there), each by name with its content or ``None``."""
+    names = ([JOURNAL_NAME] if (cache_dir / JOURNAL_NAME).exists() else []) + [p.name for p in rank_journals(cache_dir)]
+    return [(name, _read_one(cache_dir / name)) for name in names]
+
+
+def remove_journals(cache_dir: Path) -> None:
+    """Delete every journal: the pass is finished (or left no shard worth resuming)."""
+    for path in rank_journals(cache_dir):
+        path.unlink(missing_ok=True)
+    (cache_dir / JOURNAL_NAME).unlink(missing_ok=True)
 
 
 # What a lock file of ours holds: ``pid 123 on host``.

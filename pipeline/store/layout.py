@@ -8,10 +8,13 @@ A cache is a folder::
     tokenizer/               the teacher's tokenizer files (hashed in the manifest)
     run.json                 timings and host of the run that wrote it (not hashed)
     progress.json            only while a pass is unfinished: the journal
+    progress.rank-00001.json only while a pass on several processes is unfinished: rank 1's journal
     .lock                    only while a pass runs
 """
 
 from __future__ import annotations
+
+import re
 
 import pyarrow as pa
 
@@ -22,6 +25,8 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_PATTERN", "s
 
 RUN_LOG_NAME = "run.json"
 JOURNAL_NAME = "progress.json"
+# Journals of ranks other than 0 in a data-parallel pass: ``progress.rank-00001.json``.
+RANK_JOURNAL_PATTERN = re.compile(r"progress\.rank-(\d{5})\.json")
 LOCK_NAME = ".lock"
 TOKENIZER_DIR = "tokenizer"
 # Rows per Arrow record batch as written; readers accept any count up to the shard's rows.
@@ -44,6 +49,11 @@ SCHEMA = pa.schema(
     ],
     metadata=SCHEMA_METADATA,
 )
+
+
+def journal_name(rank: int) -> str:
+    """The journal a process of a teacher pass writes: ``progress.json`` for rank 0 (and a single process)."""
+    return JOURNAL_NAME if rank == 0 else f"progress.rank-{rank:05d}.json"
 
 
 def schema_metadata(format_version: int, codec_label: str) -> dict[str, str]:

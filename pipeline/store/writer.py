@@ -21,6 +21,9 @@ from pipeline.store.layout import RECORD_BATCH_ROWS, SCHEMA, shard_name
 class ShardWriter:
     """Appends encoded rows to numbered shards of ``rows_per_shard`` rows each.
 
+    Shard ``i`` holds sequences ``i * rows_per_shard`` onwards, so the processes of a
+    data-parallel pass can each write their own shards (rank ``r`` of ``W``: ``r``, ``r + W``, ...).
+
     A context manager: ``with ShardWriter(...) as writer: writer.add(seq_index, frames, n_tokens)``
     for each row. Leaving the block normally commits the last partial shard; leaving it by an
     exception drops the shard in progress (committed shards stay). ``shards`` lists what is
@@ -60,15 +63,22 @@ class ShardWriter:
             self.abort()
 
     @property
+    def _name(self) -> str:
+        """The shard in progress: shard ``i`` holds sequences from ``i * rows_per_shard`` on."""
+        return shard_name(self._first_seq // self.rows_per_shard)
+
+    @property
     def _tmp_path(self) -> Path:
-        return self.cache_dir / f".{shard_name(len(self.shards))}.tmp"
+        return self.cache_dir / f".{self._name}.tmp"
 
     def add(self, seq_index: int, cells: dict[str, bytes | int], n_tokens: int) -> None:
         if self._writer is None:
+            if seq_index % self.rows_per_shard:
+                raise ValueError(f"a shard starts at a multiple of {self.rows_per_shard} rows, not at {seq_index}")
+            self._first_seq = seq_index
             self._sink = pa.OSFile(str(self._tmp_path), "wb")
             options = pa.ipc.IpcWriteOptions(compression=None)
             self._writer = pa.ipc.new_file(self._sink, self.schema, options=options)
-            self._first_seq = seq_index
         self._pending.append((seq_index, cells))
         if row_stats.COLUMN in cells:
             self._row_stats.append(cells[row_stats.COLUMN])  # type: ignore[arg-type]
@@ -98,7 +108,7 @@ class ShardWriter:
         self._sink.flush()
         os.fsync(self._sink.fileno())
         self._sink.close()
-        name = shard_name(len(self.shards))
+        name = self._name
         tmp = self._tmp_path
         entry = ShardEntry(
             name=name,
@@ -143,10 +153,10 @@ class ShardWriter:
             with contextlib.suppress(Exception):
                 self._sink.close()  # type: ignore[union-attr]
             self._writer = None
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp_path.unlink()
         self._pending.clear()
         self._row_stats = []
-        with contextlib.suppress(FileNotFoundError):
-            self._tmp_path.unlink()
 
 
 def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
