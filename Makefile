@@ -5,6 +5,7 @@
 #   make teacher-cache TEACHER=org/model DATASET=data/my.jsonl CACHE=caches/run1 TOPK=64
 #   make teacher-cache CACHE=caches/run2 CAPTURE=sample SAMPLES=64 SAMPLE_LOGPROBS=1 CAPTURE_SEED=7
 #   make student-train CACHE=caches/run1 STUDENT=data/student-gemma3-tiny OUT=students/s1
+#   make student-train CACHE=caches/run1 OUT=students/s2 NPROC=2   (two processes, torchrun)
 #
 # What the teacher pass captures. Each flag goes to both teacher-cache runs only when its
 # variable is set; unset, the CLI's default (in brackets) applies. See
@@ -28,6 +29,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DISTILL := $(VENV)/bin/distill
+# NPROC=N (N > 1) runs student-train as N processes under torchrun, one per device
+# (docs/distributed-student.md); BATCH stays each process's micro-batch.
+NPROC ?= 1
+DISTILL_RUN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m pipeline,$(DISTILL))
+# NPROC=N > 1 runs teacher-cache and student-train on N processes of this machine through torchrun
+# (other nodes: run torchrun yourself, see docs/distributed.md).
+NPROC ?= 1
+DISTILL_RUN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m pipeline,$(DISTILL))
 # A pinned torch installs first: where a local CPU wheel of it exists this is quick.
 # Use TORCH_SPEC=torch (or a CUDA index) for a GPU build; the package itself needs torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
@@ -132,15 +141,15 @@ $(DEFAULT_CORPUS)/train.jsonl: | $(VENV)/.installed
 	$(PY) -m pipeline.demo corpus $(DEFAULT_CORPUS)
 
 teacher-cache: $(VENV)/.installed $(teacher_deps) $(dataset_deps)
-	$(DISTILL) teacher-cache --teacher $(TEACHER) --dataset $(DATASET) --out $(CACHE) \
+	$(DISTILL_RUN) teacher-cache --teacher $(TEACHER) --dataset $(DATASET) --out $(CACHE) \
 		$(capture_flags) --seq-len $(SEQ_LEN) --batch-size $(TEACHER_BATCH) \
 		$(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS),) $(overwrite_flag) $(TEACHER_ARGS)
-	$(if $(EVAL_DATASET),$(DISTILL) teacher-cache --teacher $(TEACHER) --dataset $(EVAL_DATASET) \
+	$(if $(EVAL_DATASET),$(DISTILL_RUN) teacher-cache --teacher $(TEACHER) --dataset $(EVAL_DATASET) \
 		--out $(EVAL_CACHE) $(capture_flags) --seq-len $(SEQ_LEN) --batch-size $(TEACHER_BATCH) \
 		--max-tokens $(EVAL_MAX_TOKENS) $(overwrite_flag) $(TEACHER_ARGS),)
 
 student-train: $(VENV)/.installed
-	$(DISTILL) student-train $(cache_flags) --student $(STUDENT) --out $(OUT) \
+	$(DISTILL_RUN) student-train $(cache_flags) --student $(STUDENT) --out $(OUT) \
 		--alpha $(ALPHA) --temperature $(TEMPERATURE) --epochs $(EPOCHS) --batch-size $(BATCH) \
 		--lr $(LR) --seed $(SEED) $(loss_flags) $(curriculum_flags) $(eval_cache_flag) $(overwrite_flag) \
 		$(STUDENT_ARGS)

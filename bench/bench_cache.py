@@ -114,10 +114,9 @@ def bench_teacher(model: torch.nn.Module, batch: torch.Tensor, k: int, repeats: 
         """Forward, capture and encode (on the pass's encoder threads), as the teacher pass does."""
         rows, stats = capture_batch(head, batch, spec, 0, chunk)
         with RowEncoder(spec, settings) as encoder:
-            encoder.submit(0, sequences, rows, stats)
-            encoded = encoder.drain()
+            encoded = [row.cells() for row in encoder.encode(0, sequences, rows, stats)]
         encoded_bytes.clear()
-        encoded_bytes.extend(sum(len(c) for c in cells.values() if isinstance(c, bytes)) for _, cells in encoded)
+        encoded_bytes.extend(sum(len(c) for c in cells.values() if isinstance(c, bytes)) for cells in encoded)
 
     @torch.inference_mode()
     def bare_forward() -> None:

@@ -22,8 +22,10 @@ import dataclasses
 import logging
 import os
 import platform
+import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 HEAD_CHUNK_ELEMENTS = 1 << 27
 # Threads encoding rows while the teacher runs (the encoder measured ~150k+ tokens/s per core at top-64).
 ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+# Batches of captured rows that may wait for the writer before the teacher waits for it.
+WRITE_QUEUE_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,12 @@ def owned_batches(
         yield first, batch
 
 
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """``values`` on the CPU; from a GPU, copied into pinned memory without waiting, so the next chunk's
+    LM head is queued while the copy runs (read it only after the stream is synchronised)."""
+    return values.to("cpu", non_blocking=values.device.type == "cuda")
+
+
 @torch.inference_mode()
 def capture_batch(
     head: models.LMHead,
@@ -140,7 +150,8 @@ def capture_batch(
 
     The LM head runs ``chunk_positions`` positions at a time; each chunk's captured values
     and its positions' top-1 probability and entropy (from the full distribution, on the
-    device, before the capture may overwrite the logits) move to the CPU as they are made.
+    device, before the capture may overwrite the logits) are copied to the CPU as they are
+    made, without the host waiting for each copy (one synchronisation per batch).
     Position ``t`` of sequence ``s`` is global position ``s * T + t``, which keys the draws
     of sampled captures.
     """
@@ -155,10 +166,14 @@ def capture_batch(
         captured = capture(logits, spec, positions[start : start + chunk_positions], overwrite=True, measure=measure)
         del logits  # free this chunk's (N, V) buffer before the next one is allocated
         fields = ("ids", "lengths", "logprobs", "tail_logmass", "counts")
-        parts.append({name: getattr(captured, name).cpu() for name in fields if getattr(captured, name) is not None})
+        parts.append(
+            {name: _to_host(getattr(captured, name)) for name in fields if getattr(captured, name) is not None}
+        )
         if measure:
             top1_prob, entropy = measured or (captured.top1_prob, captured.entropy)
-            parts[-1].update(top1_prob=top1_prob.cpu(), entropy=entropy.cpu())
+            parts[-1].update(top1_prob=_to_host(top1_prob), entropy=_to_host(entropy))
+    if hidden.device.type == "cuda":
+        torch.cuda.current_stream(hidden.device).synchronize()  # the copies above were queued, not waited for
     joined = {name: torch.cat([part[name] for part in parts]).numpy() for name in parts[0]}
     host_ids = input_ids.cpu().numpy()
     stats = None
@@ -182,53 +197,113 @@ def capture_batch(
     return rows, stats
 
 
-class RowEncoder:
-    """Encodes captured rows on worker threads, one batch behind the teacher (zstd and numpy release the GIL).
+@dataclass(frozen=True)
+class PendingRow:
+    """A captured row on its way to the shard writer: where it goes, and its frames being encoded."""
 
-    :meth:`submit` queues a batch and returns the previous batch's ``(sequence index, cells)``
-    in order; :meth:`drain` returns the last. Output is the same whatever the number of threads.
-    """
+    seq_index: int
+    source_record: int
+    record_offset: int
+    stats_cell: bytes | None
+    frames: Future[dict[str, bytes]]
+
+    def cells(self) -> dict[str, bytes | int]:
+        """The row's cells, once its frames are encoded (waits for them)."""
+        cells: dict[str, bytes | int] = {**self.frames.result()}
+        cells["source_record"] = self.source_record
+        cells["record_offset"] = self.record_offset
+        if self.stats_cell is not None:
+            cells[row_stats.COLUMN] = self.stats_cell
+        return cells
+
+
+class RowEncoder:
+    """Encodes captured rows on worker threads (zstd and numpy release the GIL); the output is the
+    same whatever the number of threads."""
 
     def __init__(self, spec: CaptureSpec, settings: codec_v2.CodecSettings, threads: int | None = None) -> None:
         self.spec, self.settings = spec, settings
         self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
-        self.queued: list[tuple[int, PackedSequence, bytes | None, Future[dict[str, bytes]]]] = []
 
     def _encode(self, row: SparseRow) -> dict[str, bytes]:
         return codec_v2.encode_row(row, self.spec, self.settings)
 
-    def submit(
+    def encode(
         self, first_seq: int, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes] | None
-    ) -> list[tuple[int, dict[str, bytes | int]]]:
-        """Queue a batch (sequences ``first_seq`` on) and its ``row_stats`` cells (``None``: none);
-        return the previous batch's cells."""
-        done = self.drain()
+    ) -> list[PendingRow]:
+        """Start encoding a batch (sequences ``first_seq`` on) with its ``row_stats`` cells (``None``: none)."""
         cells = stats if stats is not None else [None] * len(rows)
-        self.queued = [
-            (first_seq + offset, packed, cell, self.pool.submit(self._encode, row))
+        pending = [
+            PendingRow(
+                first_seq + offset,
+                packed.source_record,
+                packed.record_offset,
+                cell,
+                self.pool.submit(self._encode, row),
+            )
             for offset, (packed, row, cell) in enumerate(zip(batch, rows, cells, strict=True))
         ]
-        return done
-
-    def drain(self) -> list[tuple[int, dict[str, bytes | int]]]:
-        done = []
-        for seq_index, packed, stats_cell, future in self.queued:
-            cells: dict[str, bytes | int] = {**future.result()}
-            cells["source_record"] = packed.source_record
-            cells["record_offset"] = packed.record_offset
-            if stats_cell is not None:
-                cells[row_stats.COLUMN] = stats_cell
-            done.append((seq_index, cells))
-        self.queued = []
-        return done
+        return pending
 
     def __enter__(self) -> RowEncoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for *_, future in self.queued:
-            future.cancel()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class BackgroundWriter:
+    """Writes rows to a :class:`~pipeline.store.writer.ShardWriter` on its own thread, fed by a bounded queue.
+
+    :meth:`put` returns at once unless ``max_rows`` rows are already waiting (memory stays
+    bounded); the thread waits for each row's frames and appends it in order, so the
+    teacher's next batch runs while the last one is encoded, compressed, written, fsynced and
+    hashed. A failure on the thread (a full disk) is raised by the next :meth:`put` or by
+    :meth:`close`; leaving the block by an exception stops the thread without writing the rest.
+    """
+
+    def __init__(self, shard_writer: writer.ShardWriter, tokens_per_row: int, max_rows: int) -> None:
+        self.shard_writer, self.tokens_per_row = shard_writer, tokens_per_row
+        self.queue: queue.Queue[PendingRow | None] = queue.Queue(maxsize=max(1, max_rows))
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (row := self.queue.get()) is not None:
+            if self.error is not None or self.stopping:
+                continue  # drain without writing, so a blocked put returns
+            try:
+                self.shard_writer.add(row.seq_index, row.cells(), self.tokens_per_row)
+            except BaseException as exc:  # raised again on the teacher's thread
+                self.error = exc
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, rows: list[PendingRow]) -> None:
+        for row in rows:
+            self._raise_error()
+            self.queue.put(row)
+
+    def close(self) -> None:
+        """Wait until every row put is written; raise the thread's error, if any."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_error()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        self.stopping = True
+        self.queue.put(None)
+        self.thread.join()
 
 
 def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
@@ -505,7 +580,8 @@ def _write_cache(
             total = cfg.max_sequences * cfg.seq_len if cfg.max_sequences and single else None
             bar = progress_bar(total, "teacher pass", "tok", 0, enabled=progress and world.is_main, unit_scale=True)
             checked = False
-            with RowEncoder(spec, settings) as encoder:
+            background = BackgroundWriter(shard_writer, cfg.seq_len, WRITE_QUEUE_BATCHES * cfg.batch_size)
+            with RowEncoder(spec, settings) as encoder, background:
                 batches = owned_batches(sequences, cfg.batch_size, cfg.rows_per_shard, owned, hasher, count)
                 for first, batch in batches:
                     token_ids = np.stack([packed.input_ids for packed in batch])
@@ -515,13 +591,10 @@ def _write_cache(
                         head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                         checked = True
                     rows, stats = capture_batch(head, input_ids, spec, first, chunk_positions, cfg.row_stats)
-                    # Rows encode on worker threads while the teacher runs the next batch; they are
-                    # written in order, one batch behind.
-                    for seq_index, cells in encoder.submit(first, batch, rows, stats):
-                        shard_writer.add(seq_index, cells, cfg.seq_len)
+                    # Rows encode on worker threads and are written, in order, on the writer's
+                    # thread while the teacher runs the next batches.
+                    background.put(encoder.encode(first, batch, rows, stats))
                     bar.update(token_ids.size)
-                for seq_index, cells in encoder.drain():
-                    shard_writer.add(seq_index, cells, cfg.seq_len)
             bar.close()
     except BaseException:
         if world.is_main and not shard_writer.shards and not journal.rank_journals(out):

@@ -329,3 +329,13 @@ def test_every_codec_command_the_makefile_writes_is_accepted_by_the_cli(variable
             assert (codec.mode, codec.logprob_step) == ("quantized", 0.25)
         if "SQRT_STEP" in variables:
             assert (codec.mode, codec.sqrt_step) == ("sqrt", 0.01)
+
+
+@needs_make
+def test_make_nproc_runs_both_teacher_passes_through_torchrun():
+    settings = {"TEACHER": "models/t", "DATASET": "d.jsonl", "EVAL_DATASET": "e.jsonl", "NPROC": "2"}
+    printed, output = make_dry_run("teacher-cache", settings, MAKE_ENV_LEFT_OUT | {"NPROC"})
+    assert printed == []  # no plain distill command left
+    assert output.count("/torchrun --nproc-per-node 2 -m pipeline teacher-cache --teacher models/t") == 2, output
+    single, _ = make_dry_run("teacher-cache", {**settings, "NPROC": "1"}, MAKE_ENV_LEFT_OUT | {"NPROC"})
+    assert [args[0] for args in single] == ["teacher-cache", "teacher-cache"]

@@ -88,3 +88,60 @@ def test_committed_shards_are_left_out_and_the_rest_still_hashed():
     batches = list(owned_batches(sequences(12), 4, 4, lambda shard: shard != 1, hasher, counted))
     assert [first for first, _ in batches] == [0, 8]
     assert counted.sequences == 12
+
+
+class FlakyShardWriter:
+    """Records the rows it is given; fails on the ``fail_at``-th."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.rows: list[int] = []
+        self.fail_at = fail_at
+
+    def add(self, seq_index, cells, n_tokens) -> None:
+        if self.fail_at is not None and len(self.rows) + 1 == self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.rows.append(seq_index)
+
+
+def pending_rows(first: int, count: int):
+    from concurrent.futures import Future
+
+    from pipeline.teacher import PendingRow
+
+    rows = []
+    for index in range(first, first + count):
+        frames: Future = Future()
+        frames.set_result({"input_ids": b"x"})
+        rows.append(PendingRow(index, 0, 0, None, frames))
+    return rows
+
+
+def test_the_background_writer_writes_every_row_in_order():
+    from pipeline.teacher import BackgroundWriter
+
+    target = FlakyShardWriter()
+    with BackgroundWriter(target, 4, max_rows=2) as background:
+        for first in range(0, 30, 3):
+            background.put(pending_rows(first, 3))
+    assert target.rows == list(range(30))
+
+
+def test_a_write_failure_on_the_writer_thread_reaches_the_teacher_and_stops_the_writes():
+    from pipeline.teacher import BackgroundWriter
+
+    target = FlakyShardWriter(fail_at=5)
+    with pytest.raises(OSError, match="No space left"), BackgroundWriter(target, 4, max_rows=2) as background:
+        for first in range(0, 300, 3):
+            background.put(pending_rows(first, 3))
+    assert target.rows == [0, 1, 2, 3]
+
+
+def test_an_interrupted_teacher_stops_the_writer_without_writing_the_rest():
+    from pipeline.teacher import BackgroundWriter
+
+    target = FlakyShardWriter()
+    with pytest.raises(KeyboardInterrupt), BackgroundWriter(target, 4, max_rows=64) as background:
+        background.put(pending_rows(0, 3))
+        raise KeyboardInterrupt
+    assert target.rows == [0, 1, 2][: len(target.rows)]  # a prefix, in order; whatever was not written is dropped
+    assert not background.thread.is_alive()
