@@ -29,12 +29,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DISTILL := $(VENV)/bin/distill
-# NPROC=N (N > 1) runs student-train as N processes under torchrun, one per device
-# (docs/distributed-student.md); BATCH stays each process's micro-batch.
-NPROC ?= 1
-DISTILL_RUN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m pipeline,$(DISTILL))
-# NPROC=N > 1 runs teacher-cache and student-train on N processes of this machine through torchrun
-# (other nodes: run torchrun yourself, see docs/distributed.md).
+# NPROC=N (N > 1) runs teacher-cache and student-train as N processes of this machine under
+# torchrun, one per device (several nodes: run torchrun yourself, docs/distributed.md);
+# BATCH and TEACHER_BATCH stay each process's batch.
 NPROC ?= 1
 DISTILL_RUN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m pipeline,$(DISTILL))
 # A pinned torch installs first: where a local CPU wheel of it exists this is quick.

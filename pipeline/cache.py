@@ -169,15 +169,9 @@ def aligned_shuffled_rows(
     compared with the first cache's as it is read.
     """
     first = caches[0]
-    generator = np.random.default_rng([seed, epoch])
-    shard_order = generator.permutation(len(first.manifest.shards))
-    wanted = None if shard_subset is None else set(shard_subset)
     to_skip = start
-    for shard_index in shard_order:
-        if wanted is not None and int(shard_index) not in wanted:
-            continue
-        entry = first.manifest.shards[int(shard_index)]
-        row_order = generator.permutation(entry.rows)  # drawn even when skipped: the order stays the same
+    for shard_index, row_order in shuffled_layout(first.manifest, seed, epoch, shard_subset):
+        entry = first.manifest.shards[shard_index]
         if to_skip >= entry.rows:
             to_skip -= entry.rows
             continue
@@ -194,6 +188,35 @@ def aligned_shuffled_rows(
                         f"{entry.first_seq + int(row_index)}; the caches do not share a token stream"
                     )
             yield rows
+        to_skip = 0
+
+
+def shuffled_layout(
+    manifest: Manifest, seed: int, epoch: int = 0, shard_subset: list[int] | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The seeded order of one epoch (:meth:`Cache.shuffled_rows`): ``(shard index, (rows,) int64 row order
+    within it)`` for each shard in turn. It depends only on ``(seed, epoch)`` and the subset; every shard of
+    the subset draws its row order, so skipping rows never changes the order of the rest."""
+    generator = np.random.default_rng([seed, epoch])
+    shard_order = generator.permutation(len(manifest.shards))
+    wanted = None if shard_subset is None else set(shard_subset)
+    for shard_index in shard_order:
+        if wanted is not None and int(shard_index) not in wanted:
+            continue
+        yield int(shard_index), generator.permutation(manifest.shards[int(shard_index)].rows)
+
+
+def shuffled_seq_indices(manifest: Manifest, seed: int, epoch: int = 0, start: int = 0) -> Iterator[int]:
+    """The sequence indices :meth:`Cache.shuffled_rows` reads, in its order, from the ``start``-th on;
+    nothing is read or decoded (the student pass splits this order between processes)."""
+    to_skip = start
+    for shard_index, row_order in shuffled_layout(manifest, seed, epoch):
+        entry = manifest.shards[shard_index]
+        if to_skip >= entry.rows:
+            to_skip -= entry.rows
+            continue
+        for row_index in row_order[to_skip:]:
+            yield entry.first_seq + int(row_index)
         to_skip = 0
 
 

@@ -169,20 +169,55 @@ def load_checkpoint(
         ) from exc
 
 
-def resume_conflicts(cfg: StudentTrainConfig, saved: dict[str, Any]) -> list[str]:
-    """``--flag was X, now Y`` for each setting outside ``RESUME_MAY_CHANGE`` that differs from ``saved``.
+def resume_conflicts(cfg: StudentTrainConfig, saved: dict[str, Any], also_allowed: tuple[str, ...] = ()) -> list[str]:
+    """``--flag was X, now Y`` for each setting outside ``RESUME_MAY_CHANGE`` and ``also_allowed`` that
+    differs from ``saved``.
 
     ``saved`` is the checkpoint's ``config``; a setting it lacks (an older release) is
     compared with its default.
     """
     current = cfg.to_json()
-    defaults = StudentTrainConfig(cache="", student="", out="").to_json()
+    defaults = _default_settings()
     conflicts = []
     for name, now in current.items():
         was = saved.get(name, defaults[name])
-        if name not in StudentTrainConfig.RESUME_MAY_CHANGE and was != now:
+        allowed = name in StudentTrainConfig.RESUME_MAY_CHANGE or name in also_allowed
+        if not allowed and was != now:
             conflicts.append(f"{StudentTrainConfig.flag(name)} was {json.dumps(was)}, now {json.dumps(now)}")
     return conflicts
+
+
+def _default_settings() -> dict[str, Any]:
+    return StudentTrainConfig(cache="", student="", out="").to_json()
+
+
+def check_world_size(folder: Path, state: dict[str, Any], cfg: StudentTrainConfig, world_size: int) -> bool:
+    """Whether a checkpoint written by a launch on another number of processes may continue on ``world_size``.
+
+    It may when the global micro-batch (``--batch-size x`` processes) is the same, so the data order
+    and every optimizer step's rows are too: True, and ``--batch-size`` may then differ. Otherwise
+    refused in one line naming both sizes. A checkpoint without ``world_size`` (an older release) ran
+    on one process.
+    """
+    saved_world = state.get("world_size", 1)
+    if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
+        raise CacheError(
+            f"checkpoint {folder.name}: {STATE_FILE} field 'world_size' is not a positive integer; {RESTART_HINT}"
+        )
+    if saved_world == world_size:
+        return False
+    saved_batch = state["config"].get("batch_size", _default_settings()["batch_size"])
+    if isinstance(saved_batch, bool) or not isinstance(saved_batch, int) or saved_batch < 1:
+        raise CacheError(f"checkpoint {folder.name}: its config's batch_size is damaged; {RESTART_HINT}")
+    micro_batch = saved_batch * saved_world
+    if micro_batch == cfg.batch_size * world_size:
+        return True
+    fits = f" or --batch-size {micro_batch // world_size} on {world_size}" if micro_batch % world_size == 0 else ""
+    raise ConfigError(
+        f"--resume: the checkpoint was trained on {saved_world} process(es) x --batch-size {saved_batch} "
+        f"({micro_batch} rows per micro-batch), this launch has {world_size} x --batch-size {cfg.batch_size}; "
+        f"resume on {saved_world} process(es) with --batch-size {saved_batch}{fits}, so the data order is the same"
+    )
 
 
 def restore_checkpoint(
@@ -192,18 +227,21 @@ def restore_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     total_steps: int,
+    world_size: int = 1,
 ) -> tuple[int, int, float]:
     """Check a checkpoint against this run and restore it into ``model`` and ``optimizer``; return
     ``(step, rows_seen, temperature)``: the temperature ``--adapt-temperature`` had reached
     (``--temperature`` without it, or in a checkpoint that predates it).
 
     Refused, before anything is restored: settings outside ``RESUME_MAY_CHANGE`` that
-    differ, another cache (by its manifest's sha256), a step past ``total_steps``, and a
-    ``rows_seen`` other than ``step x batch size x grad accum`` (an edited one could make
-    the data replay run for ever).
+    differ, another cache (by its manifest's sha256), a step past ``total_steps``, a launch on
+    another number of processes than ``world_size`` that changes the data order
+    (:func:`check_world_size`), and a ``rows_seen`` other than ``step x batch size x grad accum
+    x processes`` (an edited one could make the data replay run for ever).
     """
     state = read_state(folder)
-    conflicts = resume_conflicts(cfg, state["config"])
+    world_changed = check_world_size(folder, state, cfg, world_size)
+    conflicts = resume_conflicts(cfg, state["config"], ("batch_size",) if world_changed else ())
     if conflicts:
         raise ConfigError(f"--resume: {', '.join(conflicts)}; resume with the run's settings or start a new --out")
     if state["cache_manifest_sha256"] != cache_manifest_sha256:
@@ -216,10 +254,11 @@ def restore_checkpoint(
             f"--resume: checkpoint {folder.name} is at step {step}, past this run's {total_steps} steps; "
             f"give --max-steps of at least {step}"
         )
-    if rows_seen != step * cfg.batch_size * cfg.grad_accum:
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    if rows_seen != step * rows_per_step:
         raise CacheError(
-            f"checkpoint {folder.name}: rows_seen {rows_seen} is not step x --batch-size x --grad-accum "
-            f"= {step * cfg.batch_size * cfg.grad_accum}; its state.json is damaged: {RESTART_HINT}"
+            f"checkpoint {folder.name}: rows_seen {rows_seen} is not step x --batch-size x --grad-accum x processes "
+            f"= {step * rows_per_step}; its state.json is damaged: {RESTART_HINT}"
         )
     saved = state["config"]
     if (saved.get("max_steps"), saved.get("epochs")) != (cfg.max_steps, cfg.epochs):

@@ -306,6 +306,12 @@ def _parse_weights(value: str | None) -> tuple[float, ...] | None:
 @click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
 @click.option("--head-chunk", type=int, default=0, help="Positions per LM-head chunk [about 128 MiB of logits].")
 @click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Under torchrun, shard the student's weights, gradients and optimizer state across the processes (FSDP2), "
+    "for students too large for one device (docs/distributed-student.md).",
+)
+@click.option(
     "--no-verify",
     "verify",
     is_flag=True,
@@ -338,6 +344,8 @@ def student_train(student_config: tuple[str, ...], caches: tuple[str, ...], **op
         cache=caches[0], ensemble_caches=tuple(caches[1:]), student_config=tuple(student_config), **options
     )
     summary = run_student_train(cfg)
+    if summary.rank != 0:
+        return  # under torchrun, rank 0 reports for every process
     click.echo(
         f"student {summary.out}: {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.1f} s, "
         f"final loss {summary.final_loss:.4f} (built from {summary.student_origin})"

@@ -140,8 +140,10 @@ class StudentTrainConfig:
     # Settings ``--resume`` may change; every other one must equal the checkpoint's. A new
     # --max-steps/--epochs changes the learning-rate schedule from there on (a warning
     # says so); --cache may move (its manifest must be the same); --out is where the
-    # checkpoint was found; the rest do not change what is learned.
+    # checkpoint was found; --fsdp changes where the state lives, not its values; the rest
+    # do not change what is learned.
     RESUME_MAY_CHANGE = (
+        "fsdp",
         "max_steps",
         "epochs",
         "save_every",
@@ -192,6 +194,7 @@ class StudentTrainConfig:
     save_every: int = 0
     log_every: int = 10
     head_chunk: int = 0
+    fsdp: bool = False
     verify: bool = True
     trust_remote_code: bool = False
     overwrite: bool = False

@@ -8,6 +8,10 @@ full-vocabulary logits never exist for the whole batch.
 :func:`~pipeline.student_setup.prepare_run` (every check and load, before ``--out`` is
 touched), :func:`resume_position`, :func:`train` (the loop) and :func:`finish_run` (save,
 evaluate, record).
+
+Launched by ``torchrun``, every process runs this recipe on its share of each step's rows;
+gradients and metrics are averaged across processes, and only rank 0 writes
+(:mod:`pipeline.student_distributed` explains how).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pipeline import models
 from pipeline.capture_spec import CaptureSpec
 from pipeline.checkpoint import restore_checkpoint, save_checkpoint
 from pipeline.config import StudentTrainConfig
+from pipeline.distributed import current_world, leave
 from pipeline.evaluate import evaluate, iter_chunk_logits
 from pipeline.losses import FORWARD_KL, Divergence, loss_parts, next_token_labels
 from pipeline.monitor import (
@@ -40,6 +45,7 @@ from pipeline.monitor import (
 from pipeline.progress import progress as progress_bar
 from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_previous_run, save_student
 from pipeline.store.atomic import write_bytes_atomic
+from pipeline.student_distributed import average_gradients, broadcast_parameters, mean_across_ranks, rank_order
 from pipeline.student_setup import StudentRun, build_optimizer, prepare_run
 from pipeline.teachers import CaptureTeacher, TeacherSource
 from pipeline.tracking import open_sink
@@ -61,6 +67,7 @@ class TrainSummary:
     final_loss: float
     student_origin: str
     eval: dict[str, Any] | None
+    rank: int = 0
 
 
 @dataclass
@@ -83,16 +90,44 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
 
     Every check (paths, caches, tokenizer, student, loss against the capture, checkpoint)
     runs before ``--out`` is touched; then ``--overwrite`` clears the previous run and
-    training starts.
+    training starts. Under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) every rank
+    runs it and joins the process group first.
     """
     started = time.time()
     models.quiet_transformers()
-    run = prepare_run(cfg)
-    optimizer = build_optimizer(run.model, cfg)
-    state = resume_position(run, optimizer)
-    clear_previous_run(run.plan)
-    state = train(run, optimizer, state, progress)
-    return finish_run(run, state, started)
+    world = current_world(models.pick_device(cfg.device).type)
+    if not world.is_main:
+        logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 tells the story once
+    try:
+        run = prepare_run(cfg, world)
+        broadcast_parameters(run.model, world)
+        optimizer = build_optimizer(run.model, cfg)
+        state = resume_position(run, optimizer)
+        world.barrier()  # every rank has checked --out and read its checkpoint before rank 0 changes it
+        if world.is_main:
+            clear_previous_run(run.plan)
+        log_effective_batch(run)
+        state = train(run, optimizer, state, progress and world.is_main)
+        summary = finish_run(run, state, started)
+        world.barrier()
+        return summary
+    finally:
+        leave()
+
+
+def log_effective_batch(run: StudentRun) -> None:
+    """Say, once, how many sequences each optimizer step reads and how they are split."""
+    cfg = run.cfg
+    log.info(
+        "effective batch: %d sequences (%d tokens) per optimizer step = --batch-size %d x --grad-accum %d x %d "
+        "process(es); %d steps",
+        run.rows_per_step,
+        run.rows_per_step * run.cache.manifest.seq_len,
+        cfg.batch_size,
+        cfg.grad_accum,
+        run.world.size,
+        run.total_steps,
+    )
 
 
 def resume_position(run: StudentRun, optimizer: torch.optim.Optimizer) -> TrainState:
@@ -100,7 +135,7 @@ def resume_position(run: StudentRun, optimizer: torch.optim.Optimizer) -> TrainS
     if run.plan.resume_from is None:
         return TrainState(step=0, rows_seen=0, temperature=run.cfg.temperature)
     step, rows_seen, temperature = restore_checkpoint(
-        run.plan.resume_from, run.cfg, run.manifest_sha256, run.model, optimizer, run.total_steps
+        run.plan.resume_from, run.cfg, run.manifest_sha256, run.model, optimizer, run.total_steps, run.world.size
     )
     if temperature != run.cfg.temperature:
         log.info("--adapt-temperature: continuing at T=%.4g, where the checkpoint left it", temperature)
@@ -115,19 +150,27 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
     (:mod:`pipeline.monitor`), and :class:`~pipeline.monitor.MonitorWarnings` logs a warning
     when the KL vanishes or the loss stops falling; with ``--adapt-temperature``,
     :class:`~pipeline.monitor.TemperatureSchedule` lowers the temperature while the KL is vanishing.
+
+    On several processes each reads its share of every step's rows; after the micro-batches the
+    gradients and the step's losses are averaged across them, and rank 0 alone writes metrics and
+    checkpoints.
     """
     cfg = run.cfg
-    batches = run.teacher.batches(cfg.seed, state.rows_seen, cfg.batch_size, run.device, run.order)
+    order = rank_order(run.order, run.cache.manifest, cfg.seed, cfg.batch_size, run.world)
+    batches = run.teacher.batches(cfg.seed, state.rows_seen, cfg.batch_size, run.device, order)
     run.model.train()
+    main = run.world.is_main
     bar = progress_bar(run.total_steps, "student pass", "step", state.step, enabled=progress)
     warnings = MonitorWarnings(state.temperature, adapting=cfg.adapt_temperature)
     schedule = TemperatureSchedule(state.temperature) if cfg.adapt_temperature else None
-    sink = open_sink(cfg.report_to, run.plan.out)
-    with open(run.plan.out / METRICS_NAME, "a") as metrics_file, bar:
+    sink = open_sink(cfg.report_to if main else "none", run.plan.out)
+    with open(run.plan.out / METRICS_NAME, "a") if main else nullcontext() as metrics_file, bar:
         while state.step < run.total_steps:
             set_learning_rate(optimizer, cfg.lr * lr_factor(state.step, run.warmup, run.total_steps))
             logging_step = is_logging_step(state.step + 1, cfg.log_every, run.total_steps)
             losses = accumulate_gradients(run, batches, state.temperature, monitor=logging_step)
+            average_gradients(run.model, run.world)
+            losses = mean_across_ranks(losses, run.world)
             optimizer_step(run.model, optimizer, cfg.max_grad_norm)
             advance(state, run, losses)
             bar.update(1)
@@ -135,13 +178,15 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
             if logging_step:
                 record = metrics_record(state, run, optimizer)
                 for message in warnings.update(record):
-                    log.warning(message)
-                if schedule is not None:
+                    if main:
+                        log.warning(message)
+                if schedule is not None:  # every rank decides alike: the record's values are reduced ones
                     adapt_temperature(schedule, record, state)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
                 sink.write(record)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps:
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps and main:
                 save_checkpoint(run.plan.out, state.step, run.model, optimizer, trainer_state(run, state))
     sink.close()
     run.model.eval()
@@ -280,7 +325,7 @@ def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
 
 
 def advance(state: TrainState, run: StudentRun, losses: dict[str, float]) -> None:
-    """Count one optimizer step's rows and tokens."""
+    """Count one optimizer step's rows and tokens (every process's)."""
     step_tokens = run.rows_per_step * run.cache.manifest.seq_len
     state.step += 1
     state.rows_seen += run.rows_per_step
@@ -291,7 +336,8 @@ def advance(state: TrainState, run: StudentRun, losses: dict[str, float]) -> Non
 
 def metrics_record(state: TrainState, run: StudentRun, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The ``metrics.jsonl`` line of a logging step: the last step's losses, temperature and monitors
-    (those it measured), learning rate, throughput since the last line."""
+    (those it measured), learning rate, effective batch (sequences per step, every process's), throughput
+    since the last line (every process's tokens)."""
     now = time.time()
     kd = state.last["kd"]
     record = {
@@ -304,6 +350,7 @@ def metrics_record(state: TrainState, run: StudentRun, optimizer: torch.optim.Op
         **({} if run.order is None else {"curriculum_pool": run.order.pool_size(state.step - 1) / len(run.cache)}),
         **{name: value for name, value in state.last.items() if name in MONITOR_FIELDS},
         "lr": optimizer.param_groups[0]["lr"],
+        "effective_batch": run.rows_per_step,
         "tokens_per_s": state.window_tokens / max(now - state.window_start, 1e-9),
     }
     state.window_start, state.window_tokens = now, 0
@@ -314,6 +361,7 @@ def trainer_state(run: StudentRun, state: TrainState) -> dict[str, Any]:
     """What a checkpoint records besides weights and optimizer: rows read, the settings, the cache's identity."""
     return {
         "rows_seen": state.rows_seen,
+        "world_size": run.world.size,
         "temperature": state.temperature,
         "config": run.cfg.to_json(),
         "cache_manifest_sha256": run.manifest_sha256,
@@ -330,13 +378,24 @@ def start_recipe(run: StudentRun) -> dict[str, Any]:
 
 
 def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSummary:
-    """Save the student, evaluate it on ``--eval-cache``, write ``training.json`` (and ``eval.json``)."""
+    """Save the student, evaluate it on ``--eval-cache``, write ``training.json`` (and ``eval.json``).
+
+    On several processes rank 0 does all of it (evaluation too, on the whole held-out cache) and
+    the others return at once, with no ``eval``.
+    """
+    if not run.world.is_main:
+        seconds = time.time() - started
+        return TrainSummary(
+            str(run.plan.out), state.step, state.tokens, seconds, state.last["loss"], run.origin, None, run.world.rank
+        )
     written = save_student(run.plan, run.model, run.tokenizer)
     results = None
     if run.eval_cache is not None:
         results = evaluate(run.head, run.eval_cache, run.chunk_positions, run.device, run.autocast)
     seconds = time.time() - started
     training = {
+        "world_size": run.world.size,
+        "effective_batch": run.rows_per_step,
         "config": run.cfg.to_json(),
         "student_origin": run.origin,
         "start": start_recipe(run),

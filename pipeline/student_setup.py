@@ -21,6 +21,7 @@ from pipeline.cache import Cache, open_cache
 from pipeline.cache_tokenizer import load_cache_tokenizer
 from pipeline.config import TEMPERATURE_BOUNDS, StudentTrainConfig
 from pipeline.curriculum import CurriculumOrder, Pacing, confidence_ranking
+from pipeline.distributed import World
 from pipeline.errors import ConfigError, TokenizerMismatchError, first_line
 from pipeline.evaluate import head_chunk_positions
 from pipeline.fingerprint import tokenizer_fingerprint
@@ -32,6 +33,7 @@ from pipeline.tracking import check_available
 log = logging.getLogger(__name__)
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+SINGLE_PROCESS = World()
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class StudentRun:
         chunk_positions: positions per LM-head chunk.
         autocast: bf16 autocast on CUDA, else ``None``.
         total_steps, warmup: the learning-rate schedule's length and warm-up.
-        order: the rows each micro-batch reads under ``--curriculum``, else ``None`` (shuffled epochs).
+        order: the rows each global micro-batch reads under ``--curriculum``, else ``None`` (shuffled epochs).
+        world: this process's place in a torchrun launch (``World()`` for a single process).
         manifest_sha256: the training caches' identity (:meth:`~pipeline.teachers.TeacherSource.identity`),
             recorded in checkpoints.
     """
@@ -73,15 +76,18 @@ class StudentRun:
     warmup: int
     manifest_sha256: str
     order: CurriculumOrder | None = None
+    world: World = SINGLE_PROCESS
 
     @property
     def rows_per_step(self) -> int:
-        """Rows read per optimizer step: ``--batch-size x --grad-accum``."""
-        return self.cfg.batch_size * self.cfg.grad_accum
+        """Rows read per optimizer step by every process together, the effective batch:
+        ``--batch-size x --grad-accum x`` the number of processes."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world.size
 
 
-def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
-    """Open and check everything the run needs; nothing is written."""
+def prepare_run(cfg: StudentTrainConfig, world: World = SINGLE_PROCESS) -> StudentRun:
+    """Open and check everything the run needs; nothing is written. Under torchrun every rank runs it."""
+    check_world(cfg, world)
     plan = check_output(cfg)
     check_available(cfg.report_to)
     torch.manual_seed(cfg.seed)
@@ -90,7 +96,9 @@ def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
     tokenizer, tokenizer_origin = resolve_student_tokenizer(cfg, cache)
     if eval_cache is not None:
         check_tokenizer_matches(tokenizer, tokenizer_origin, eval_cache, "--eval-cache")
-    device = models.pick_device(cfg.device)
+    device = world.device(models.pick_device(cfg.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     model, origin = load_checked_student(cfg, teacher.caches, eval_cache, device)
     log.info(
         "student %s: %s, %s parameters, on %s; tokenizer from %s",
@@ -100,8 +108,8 @@ def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
         device,
         tokenizer_origin,
     )
-    total_steps = planned_steps(cfg, len(cache))
-    order = curriculum_order(cfg, teacher, total_steps) if cfg.curriculum else None
+    total_steps = planned_steps(cfg, len(cache), world.size)
+    order = curriculum_order(cfg, teacher, total_steps, world.size) if cfg.curriculum else None
     return StudentRun(
         cfg=cfg,
         plan=plan,
@@ -120,12 +128,31 @@ def prepare_run(cfg: StudentTrainConfig) -> StudentRun:
         warmup=cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20),
         manifest_sha256=teacher.identity(),
         order=order,
+        world=world,
     )
 
 
-def curriculum_order(cfg: StudentTrainConfig, teacher: TeacherSource, total_steps: int) -> CurriculumOrder:
+def check_world(cfg: StudentTrainConfig, world: World) -> None:
+    """Refuse, in one line, settings a launch on ``world.size`` processes cannot run."""
+    if cfg.fsdp and not world.is_distributed:
+        raise ConfigError(
+            "--fsdp shards the student across torchrun's processes, but this is a single process; launch with "
+            "torchrun --nproc-per-node N (N >= 2) -m pipeline student-train ..., or drop --fsdp"
+        )
+    if world.is_distributed and cfg.device == "mps":
+        raise ConfigError(
+            f"--device mps runs in one process, but torchrun started {world.size}; launch without torchrun"
+        )
+
+
+def curriculum_order(
+    cfg: StudentTrainConfig, teacher: TeacherSource, total_steps: int, world_size: int = 1
+) -> CurriculumOrder:
     """``--curriculum confidence``: the rows ranked by the teacher's confidence (an ensemble's: the weighted
-    mean of its teachers'), paced over the run; refused, in one line, for caches without the statistics."""
+    mean of its teachers'), paced over the run; refused, in one line, for caches without the statistics.
+
+    Its micro-batches are global (``--batch-size x world_size`` rows, split between the processes), so the
+    draws do not depend on how many processes share them."""
     stats = []
     for cache in teacher.caches:
         if not cache.manifest.has_row_stats:
@@ -141,7 +168,9 @@ def curriculum_order(cfg: StudentTrainConfig, teacher: TeacherSource, total_step
         cfg.curriculum_setting("curriculum_start"),
         max(1, round(cfg.curriculum_setting("curriculum_span") * total_steps)),
     )
-    order = CurriculumOrder(confidence_ranking(mean, cfg.seed), pacing, cfg.seed, cfg.batch_size, cfg.grad_accum)
+    order = CurriculumOrder(
+        confidence_ranking(mean, cfg.seed), pacing, cfg.seed, cfg.batch_size * world_size, cfg.grad_accum
+    )
     ranked = mean[order.ranking, 0]
     log.info(
         "curriculum: %d rows from the most confident teacher (mean top-1 probability %.3f) to the least (%.3f); "
@@ -303,11 +332,12 @@ def check_student_fits(model: torch.nn.Module, origin: str, cache: Cache, flag: 
     )
 
 
-def planned_steps(cfg: StudentTrainConfig, sequences: int) -> int:
-    """Optimizer steps of the whole run: ``--max-steps``, else ``--epochs`` (default 1) over ``sequences`` rows."""
+def planned_steps(cfg: StudentTrainConfig, sequences: int, world_size: int = 1) -> int:
+    """Optimizer steps of the whole run: ``--max-steps``, else ``--epochs`` (default 1) over ``sequences`` rows
+    read ``--batch-size x --grad-accum x world_size`` a step."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(sequences * (cfg.epochs or 1.0) / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(sequences * (cfg.epochs or 1.0) / (cfg.batch_size * cfg.grad_accum * world_size)))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.optim.Optimizer:

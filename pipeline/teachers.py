@@ -21,7 +21,6 @@ import torch
 from pipeline.cache import Cache, aligned_rows_at, aligned_shuffled_rows, same_layout, stack_rows
 from pipeline.capture_spec import CaptureSpec
 from pipeline.config import EnsembleMode
-from pipeline.curriculum import CurriculumOrder
 from pipeline.divergences import FORWARD_KL, Divergence
 from pipeline.ensemble import combine_targets
 from pipeline.errors import ConfigError
@@ -30,6 +29,14 @@ from pipeline.losses import Target, target_problem, targets_from_batch
 from pipeline.rows import SparseRow
 
 Batch = dict[str, Any]
+
+
+class RowOrder(Protocol):
+    """Sequence indices a run reads, forever, from its ``start``-th row on: a
+    :class:`~pipeline.curriculum.CurriculumOrder`, or one rank's share of the global order
+    (:class:`~pipeline.student_distributed.RankOrder`)."""
+
+    def rows(self, start: int) -> Iterator[int]: ...
 
 
 class TeacherSource(Protocol):
@@ -49,10 +56,10 @@ class TeacherSource(Protocol):
         ...
 
     def batches(
-        self, seed: int, start: int, batch_size: int, device: torch.device, order: CurriculumOrder | None = None
+        self, seed: int, start: int, batch_size: int, device: torch.device, order: RowOrder | None = None
     ) -> Iterator[Batch]:
         """Batches of ``batch_size`` rows from the ``start``-th row the run reads on, forever: in the
-        seeded shuffle of each epoch, or in the curriculum's ``order``."""
+        seeded shuffle of each epoch, or in ``order`` (a curriculum's, or a rank's share of the run's)."""
         ...
 
     def identity(self) -> str:
@@ -104,7 +111,7 @@ class OneTeacher:
         return CaptureTeacher(self.capture, self.cache.manifest.logit_width).target(batch, temperature)
 
     def batches(
-        self, seed: int, start: int, batch_size: int, device: torch.device, order: CurriculumOrder | None = None
+        self, seed: int, start: int, batch_size: int, device: torch.device, order: RowOrder | None = None
     ) -> Iterator[Batch]:
         if order is not None:
             rows: Iterator[SparseRow] = self.cache.rows_at(order.rows(start))
@@ -158,7 +165,7 @@ class TeacherEnsemble:
         return combine_targets(targets, tail_ids, self.weights, self.mode, vocab)
 
     def batches(
-        self, seed: int, start: int, batch_size: int, device: torch.device, order: CurriculumOrder | None = None
+        self, seed: int, start: int, batch_size: int, device: torch.device, order: RowOrder | None = None
     ) -> Iterator[Batch]:
         caches = list(self.caches)
         if order is not None:
