@@ -274,14 +274,15 @@ def _text_of(record: dict[str, Any], column: str) -> str:
 
 
 def tokenize_records(
-    documents: Iterable[str], tokenizer: Any, batch_size: int = TOKENIZE_BATCH
+    documents: Iterable[str], tokenizer: Any, batch_size: int = TOKENIZE_BATCH, first_record: int = 0
 ) -> Iterator[tuple[int, list[int]]]:
     """``(record index, token ids)`` of each non-blank document: ids as the tokenizer encodes by default, then EOS.
 
-    The record index is the document's position in ``documents`` (blank ones counted).
+    The record index is the document's position in ``documents`` (blank ones counted), plus
+    ``first_record`` (where ``documents`` starts in the dataset).
     """
     eos = tokenizer.eos_token_id
-    iterator = enumerate(documents)
+    iterator = enumerate(documents, start=first_record)
     while batch := [(index, text) for index, text in itertools.islice(iterator, batch_size)]:
         batch = [(index, text) for index, text in batch if text.strip()]
         if not batch:
@@ -330,20 +331,28 @@ class PackedSequence:
 
 
 def pack_records(
-    records: Iterable[tuple[int, list[int]]], seq_len: int, max_sequences: int | None = None
+    records: Iterable[tuple[int, list[int]]],
+    seq_len: int,
+    max_sequences: int | None = None,
+    first_offset: int = 0,
+    first_index: int = 0,
 ) -> Iterator[PackedSequence]:
     """Concatenate ``(record, ids)`` documents and cut the stream into sequences of ``seq_len`` tokens.
 
-    The trailing partial sequence is dropped; at most ``max_sequences`` are produced.
+    The trailing partial sequence is dropped; at most ``max_sequences`` are produced, counted
+    from sequence ``first_index``. A stream resumed mid-document starts at token ``first_offset``
+    of the first record (sequence ``first_index`` starting there).
     """
-    if max_sequences is not None and max_sequences <= 0:
+    produced = first_index
+    if max_sequences is not None and produced >= max_sequences:
         return
     pending: list[int] = []
     starts: list[tuple[int, int, int]] = []  # (position in pending, record, offset in the record at that position)
-    produced = 0
+    skip_next = first_offset
     for record, ids in records:
-        starts.append((len(pending), record, 0))
-        pending.extend(ids)
+        skip, skip_next = skip_next, 0
+        starts.append((len(pending), record, skip))
+        pending.extend(ids[skip:])
         while len(pending) >= seq_len:
             _, first_record, first_offset = starts[0]
             yield PackedSequence(np.asarray(pending[:seq_len], dtype=np.int64), first_record, first_offset)

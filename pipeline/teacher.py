@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import platform
@@ -106,16 +107,18 @@ def owned_batches(
     owned: Callable[[int], bool],
     hasher: TokenStreamHasher,
     count: StreamCount,
+    first_index: int = 0,
 ) -> Iterator[tuple[int, list[PackedSequence]]]:
     """``(first sequence index, batch)`` for the sequences of the shards ``owned(shard)`` says to write.
 
-    Every sequence of the stream is hashed and counted, written here or not. Batches never
+    ``sequences`` starts at sequence ``first_index`` of the stream. Every sequence is hashed
+    and counted, written here or not. Batches never
     straddle a shard boundary and start at its first row, so a shard's batches (and with
     them its bytes) are the same whichever process writes it, and whether the pass resumed.
     """
     batch: list[PackedSequence] = []
     first = 0
-    for seq_index, sequence in enumerate(sequences):
+    for seq_index, sequence in enumerate(sequences, start=first_index):
         hasher.update(sequence.input_ids)
         count.sequences = seq_index + 1
         if not owned(seq_index // rows_per_shard):
@@ -541,9 +544,9 @@ def _write_cache(
     def owned(shard: int) -> bool:
         return shard % world.size == world.rank and shard not in finished
 
-    hasher, count, skipped = TokenStreamHasher(), StreamCount(), SkippedDocuments()
-    records = skip_documents_with_ids_from(tokenize_records(stream.documents, tokenizer), skip_from_id, skipped)
-    sequences = pack_records(records, cfg.seq_len, cfg.max_sequences)
+    hasher, skipped = TokenStreamHasher(), SkippedDocuments()
+    sequences, first_index = resumed_stream(out, committed, cfg, stream, tokenizer, skip_from_id, skipped, hasher)
+    count = StreamCount(first_index)
     try:
         with shard_writer:
             gpus = world.gpus() if world.is_distributed and device.type == "cuda" else None
@@ -582,7 +585,9 @@ def _write_cache(
             checked = False
             background = BackgroundWriter(shard_writer, cfg.seq_len, WRITE_QUEUE_BATCHES * cfg.batch_size)
             with RowEncoder(spec, settings) as encoder, background:
-                batches = owned_batches(sequences, cfg.batch_size, cfg.rows_per_shard, owned, hasher, count)
+                batches = owned_batches(
+                    sequences, cfg.batch_size, cfg.rows_per_shard, owned, hasher, count, first_index
+                )
                 for first, batch in batches:
                     token_ids = np.stack([packed.input_ids for packed in batch])
                     assert int(token_ids.max()) < embedding_rows, "documents with unembeddable ids are skipped upstream"
@@ -639,6 +644,47 @@ def _write_cache(
         0.0,
         skipped_documents=skipped.count,
     )
+
+
+def resumed_stream(
+    out: Path,
+    committed: list[ShardEntry],
+    cfg: TeacherCacheConfig,
+    stream: TextStream,
+    tokenizer: Any,
+    skip_from_id: int | None,
+    skipped: SkippedDocuments,
+    hasher: TokenStreamHasher,
+) -> tuple[Iterator[PackedSequence], int]:
+    """The packed stream from the first sequence after the cache's committed prefix, and that sequence's index.
+
+    The prefix (shards 0, 1, ... committed without a gap) is not tokenized again: its token
+    ids are read back from its shards into ``hasher``, the dataset's records before the last
+    written sequence's are passed over without tokenizing, and packing restarts at that
+    sequence's record and offset (:func:`pipeline.store.reader.written_stream`).
+    """
+    prefix: list[ShardEntry] = []
+    for entry in sorted(committed, key=lambda entry: entry.first_seq):
+        if entry.first_seq != len(prefix) * cfg.rows_per_shard:
+            break
+        prefix.append(entry)
+    position = reader.written_stream(out, prefix, cfg.seq_len, hasher)
+    if position is None:
+        records = skip_documents_with_ids_from(tokenize_records(stream.documents, tokenizer), skip_from_id, skipped)
+        return pack_records(records, cfg.seq_len, cfg.max_sequences), 0
+    documents = itertools.islice(iter(stream.documents), position.source_record, None)
+    tokenized = tokenize_records(documents, tokenizer, first_record=position.source_record)
+    records = skip_documents_with_ids_from(tokenized, skip_from_id, skipped)
+    last_written = position.sequences - 1
+    sequences = pack_records(records, cfg.seq_len, cfg.max_sequences, position.record_offset, last_written)
+    next(sequences, None)  # the last written sequence again: where the next one starts
+    log.info(
+        "resuming the stream at sequence %d (dataset record %d): the first %d were read back from their shards",
+        position.sequences,
+        position.source_record,
+        position.sequences,
+    )
+    return sequences, position.sequences
 
 
 def all_committed(out: Path, header: dict[str, Any], sequences: int, rows_per_shard: int) -> list[ShardEntry]:

@@ -205,3 +205,19 @@ def test_file_starts_name_each_file_with_its_first_record(tmp_path):
     stream = open_text_stream(str(tmp_path))
     assert list(stream.documents) == ["a0", "", "a2", "b0"]
     assert stream.file_starts == [("a.jsonl", 0), ("b.jsonl", 3)]
+
+
+def test_packing_restarted_at_a_written_sequence_continues_the_same_stream():
+    from pipeline.data import pack_records
+
+    documents = [(index, list(range(index * 100, index * 100 + size))) for index, size in enumerate([5, 17, 3, 40, 9])]
+    whole = list(pack_records(documents, 7))
+    assert len(whole) == 10
+    for index, sequence in enumerate(whole):
+        later = [(record, ids) for record, ids in documents if record >= sequence.source_record]
+        restarted = list(pack_records(later, 7, None, sequence.record_offset, index))
+        assert [(s.input_ids.tolist(), s.source_record, s.record_offset) for s in restarted] == [
+            (s.input_ids.tolist(), s.source_record, s.record_offset) for s in whole[index:]
+        ]
+        capped = list(pack_records(later, 7, 6, sequence.record_offset, index))
+        assert len(capped) == max(0, 6 - index)  # --max-tokens counts from the stream's start

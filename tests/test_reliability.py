@@ -112,15 +112,28 @@ def test_resume_skips_the_committed_shards(teacher_dir, corpus, tmp_path, refere
     assert killed_run("journal-after-rename", 3, teacher_dir, corpus, out).returncode == -signal.SIGKILL
     from pipeline import teacher
 
-    calls = []
-    original = teacher.capture_batch
+    calls, tokenized = [], []
+    original, tokenize = teacher.capture_batch, teacher.tokenize_records
     monkeypatch.setattr(
         teacher, "capture_batch", lambda head, ids, *a: calls.append(ids.shape[0]) or original(head, ids, *a)
     )
+
+    def counting(*args, **kwargs):
+        for record, ids in tokenize(*args, **kwargs):
+            tokenized.append(record)
+            yield record, ids
+
+    monkeypatch.setattr(teacher, "tokenize_records", counting)
     result = run_cli("teacher-cache", *cache_args(teacher_dir, corpus, out))
     assert result.exit_code == 0 and "resumed after 960 cached tokens" in result.output
     assert sum(calls) == read_manifest(out).shards[2].rows  # only the third shard was computed
     assert cache_files(out) == reference
+    # The text of the first two shards was not tokenized again: the stream restarted at the
+    # record holding the last written sequence (its ids were read back from the shards).
+    import pyarrow as pa
+
+    second_shard = pa.ipc.open_file(str(out / "shard-00001.arrow")).read_all()
+    assert tokenized[0] == second_shard.column("source_record")[-1].as_py() > 0
 
 
 def test_damaged_committed_shard_is_recomputed_on_resume(teacher_dir, corpus, tmp_path, reference):

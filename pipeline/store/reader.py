@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +336,32 @@ def tokenizer_file_problems(cache_dir: Path, manifest: Manifest) -> list[str]:
         elif sha256_file(path) != item.sha256:
             problems.append(f"tokenizer file '{item.name}' fails its checksum")
     return problems
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where the packed stream stands after a cache's first ``sequences`` rows: the next sequence's
+    index, and the dataset record and token offset where the last written sequence starts."""
+
+    sequences: int
+    source_record: int
+    record_offset: int
+
+
+def written_stream(cache_dir: Path, prefix: list[ShardEntry], seq_len: int, hasher: Any) -> StreamPosition | None:
+    """Feed the token ids of shards ``prefix`` (the cache's first shards, in order, already checked
+    against their journaled sha256) to ``hasher``; return where the stream stands after them.
+
+    Reading a pass's own shards back costs far less than tokenizing (and downloading) the
+    text they came from again, which is what a resumed pass saves by starting from here.
+    """
+    position = None
+    for entry in prefix:
+        with pa.OSFile(str(shard_path(cache_dir, entry)), "rb") as source:
+            table = pa.ipc.open_file(source).read_all()
+        for cell in table.column("input_ids").to_pylist():
+            hasher.update(codec.decode_array(cell, "<u4", seq_len))
+        records = table.column("source_record").to_pylist()
+        offsets = table.column("record_offset").to_pylist()
+        position = StreamPosition(entry.first_seq + entry.rows, int(records[-1]), int(offsets[-1]))
+    return position
