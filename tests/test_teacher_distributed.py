@@ -29,7 +29,7 @@ def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, timeout:
     )
 
 
-def write_cache(nproc: int, teacher: Path, dataset: Path, out: Path, *options: str, env=None) -> Path:
+def write_cache(nproc: int, teacher: Path, dataset: Path, out: Path | str, *options: str, env=None) -> Path | str:
     result = torchrun(
         nproc, "teacher-cache", "--teacher", str(teacher), "--dataset", str(dataset), "--out", str(out), *options,
         env=env,
@@ -103,3 +103,12 @@ def test_a_second_run_on_two_processes_finds_the_cache_complete(single, teacher_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already complete" in result.stdout
     assert content(out) == before
+
+
+@pytest.mark.slow
+def test_two_processes_write_a_url_through_one_staging_folder(single, teacher_dir, corpus, tmp_path):
+    url = f"file://{tmp_path / 'bucket' / 'cache'}"
+    env = {"DISTILL_REMOTE_CACHE": str(tmp_path / "store")}
+    write_cache(2, teacher_dir, corpus["train"], url, *OPTIONS, env=env)
+    assert content(tmp_path / "bucket" / "cache") == content(single)
+    assert not any((tmp_path / "store" / "staging").iterdir())  # staging removed once uploaded
