@@ -574,6 +574,54 @@ def recode(**options: Any) -> None:
     )
 
 
+@main.command("generate")
+@click.option("--teacher", required=True, help="Hub id, local model folder, or .gguf file.")
+@click.option("--dataset", required=True, help="Prompts: a Hub dataset id, or local files (as teacher-cache reads).")
+@click.option("--dataset-config", default=None, help="Hub dataset configuration name.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Column of text prompts.")
+@click.option(
+    "--messages-column",
+    default=None,
+    help="Column of chat prompts ({role, content} lists), rendered with the teacher's chat template.",
+)
+@click.option("--num-return-sequences", type=int, default=1, show_default=True, help="Responses per prompt.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--gen-temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--gen-top-p", type=float, default=1.0, show_default=True, help="Nucleus of the sampling.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (keyed by prompt and step).")
+@click.option("--max-prompts", type=int, default=None, help="Stop after this many dataset records.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows generated at once.")
+@click.option(
+    "--prompts-per-part", type=int, default=64, show_default=True, help="Prompts per output file (the resume unit)."
+)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="[bf16 on CUDA, else fp32]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code (run only code you trust)."
+)
+@click.option("--out", required=True, help="Folder to write: generation.json and data/part-*.jsonl.")
+@click.option("--overwrite", is_flag=True, help="Replace what generate wrote in --out before.")
+@_one_line_errors
+def generate(**options: Any) -> None:
+    """Write synthetic data: the teacher's responses to a dataset's prompts (sequence-level distillation)."""
+    from pipeline.generate import GenerateConfig, run_generate
+
+    summary = run_generate(GenerateConfig(**options))
+    if summary.status != "written":
+        click.echo(f"{summary.out}: {summary.status} ({summary.rows:,} rows); nothing to do")
+        return
+    click.echo(
+        f"{summary.out}: {summary.rows:,} responses to {summary.prompts:,} prompts, {summary.new_tokens:,} new tokens "
+        f"in {summary.seconds:.1f} s; train on it with --dataset {Path(summary.out) / 'data'}"
+        + (
+            f"; skipped {summary.skipped_prompts:,} prompt(s) too long for the teacher"
+            if summary.skipped_prompts
+            else ""
+        )
+    )
+
+
 for _command in main.commands.values():
     verbosity_options(_command)
 

@@ -139,8 +139,10 @@ def open_text_stream(
     text_column: str = "text",
     txt_sample_by: TxtSampleBy = "document",
     txt_encoding_errors: TxtEncodingErrors = "strict",
+    messages: bool = False,
 ) -> TextStream:
-    """Stream the ``text_column`` of a Hub dataset or of local files.
+    """Stream the ``text_column`` of a Hub dataset or of local files (with ``messages``, a chat
+    column instead: each document a list of ``{"role", "content"}`` messages, checked).
 
     Local text files (``.txt``, ``.text``, ``.md``) are checked to be UTF-8 here, before
     anything else runs: ``strict`` refuses a file that is not, naming it and the byte;
@@ -207,7 +209,8 @@ def open_text_stream(
             f"dataset '{display}' has no column '{text_column}' (columns: {', '.join(sorted(first))}); "
             "pick one with --text-column"
         )
-    documents = (_text_of(record, text_column) for record in itertools.chain([first], records))
+    convert = _messages_of if messages else _text_of
+    documents = (convert(record, text_column) for record in itertools.chain([first], records))
     return TextStream(
         documents=documents,
         display=display,
@@ -271,6 +274,21 @@ def _text_of(record: dict[str, Any], column: str) -> str:
             f"column '{column}' holds {type(value).__name__}, not text; pick a text column with --text-column"
         )
     return value
+
+
+def _messages_of(record: dict[str, Any], column: str) -> list[dict[str, str]]:
+    """A chat record's messages: a list of ``{"role": str, "content": str}``, refused in one line otherwise."""
+    value = record[column]
+    fine = isinstance(value, list) and all(
+        isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)
+        for item in value
+    )
+    if not fine:
+        raise DatasetError(
+            f"column '{column}' holds {type(value).__name__}, not a list of {{role, content}} messages; "
+            "pick the chat column with --messages-column"
+        )
+    return [{"role": item["role"], "content": item["content"]} for item in value]
 
 
 def tokenize_records(
