@@ -66,6 +66,22 @@ def main(verbose: bool, quiet: bool) -> None:
     "--no-row-stats saves their cost in the LM head's pass.",
 )
 @click.option(
+    "--hidden-layers",
+    default=None,
+    callback=lambda _ctx, _param, value: _parse_layers(value),
+    help="Also store these layers' hidden states, e.g. 8,16,-1 (0: embeddings, -1: after the final norm); "
+    "see docs/FORMAT.md.",
+)
+@click.option(
+    "--hidden-encoding",
+    type=click.Choice(["bf16", "int8"]),
+    default="bf16",
+    show_default=True,
+    help="bf16 (relative error <= 2^-8) or int8 with one scale per position (error <= max|x_t| / 254).",
+)
+@click.option("--hidden-dim", type=int, default=None, help="Project hidden states to this width (fixed ±1 matrix).")
+@click.option("--hidden-seed", type=int, default=0, show_default=True, help="Seed of the --hidden-dim projection.")
+@click.option(
     "--dataset", required=True, help="Hub dataset id, or a local file/folder (.txt .jsonl .json .parquet .arrow)."
 )
 @click.option("--dataset-config", default=None, help="Hub dataset configuration name.")
@@ -177,6 +193,16 @@ def teacher_cache(**options: Any) -> None:
         )
         + (f"; left out {len(summary.skipped_files)} file(s) that are not UTF-8" if summary.skipped_files else "")
     )
+
+
+def _parse_layers(value: str | None) -> tuple[int, ...]:
+    """``--hidden-layers 8,16,-1`` as integers; a malformed list is refused naming the flag."""
+    if not value:
+        return ()
+    try:
+        return tuple(int(piece) for piece in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of layer numbers, e.g. 8,16,-1") from None
 
 
 def _parse_weights(value: str | None) -> tuple[float, ...] | None:

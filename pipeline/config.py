@@ -67,10 +67,22 @@ class TeacherCacheConfig:
     batch_size: int = 8
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     row_stats: bool = True
+    hidden_layers: tuple[int, ...] = ()
+    hidden_encoding: Literal["bf16", "int8"] = "bf16"
+    hidden_dim: int | None = None
+    hidden_seed: int = 0
     trust_remote_code: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.hidden_encoding not in ("bf16", "int8"):
+            raise ConfigError(f"--hidden-encoding {self.hidden_encoding} is not one of bf16, int8")
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ConfigError(f"--hidden-dim {self.hidden_dim} must be at least 1")
+        if not 0 <= self.hidden_seed < 2**63:
+            raise ConfigError("--hidden-seed must be in [0, 2**63)")
+        if not self.hidden_layers and (self.hidden_dim is not None or self.hidden_encoding != "bf16"):
+            raise ConfigError("--hidden-dim and --hidden-encoding apply to --hidden-layers; name the layers to store")
         if self.seq_len < 2:
             raise ConfigError(f"--seq-len {self.seq_len} is too small; use at least 2")
         if self.capture not in STRATEGIES:

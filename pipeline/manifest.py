@@ -153,6 +153,13 @@ class Manifest:
         return sum(shard.bytes for shard in self.shards)
 
     @property
+    def hidden(self) -> Any:
+        """The stored hidden states' :class:`~pipeline.hidden.HiddenSpec` (``None``: none stored)."""
+        from pipeline.hidden import spec_from_manifest
+
+        return spec_from_manifest(self.raw, [column.to_json() for column in self.columns], self.seq_len)
+
+    @property
     def has_row_stats(self) -> bool:
         """Whether the shards hold the per-row teacher statistics (:mod:`pipeline.row_stats`) and list their
         summaries."""

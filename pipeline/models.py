@@ -409,6 +409,16 @@ class LMHead:
         """``(B, T)`` int64 ids -> ``(B, T, H)`` final hidden states (after the last norm)."""
         return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
 
+    def hidden_states_of(
+        self, input_ids: torch.Tensor, layers: tuple[int, ...]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The final ``(B, T, H)`` hidden states and those of ``layers`` (indices into ``output_hidden_states``,
+        0 the embeddings); the last index is the final states themselves, after the final norm."""
+        out = self.backbone(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        final, every = out.last_hidden_state, out.hidden_states
+        last = len(every) - 1
+        return final, {layer: final if layer == last else every[layer] for layer in layers}
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` hidden states -> ``(..., V)`` logits, as the model's forward computes them."""
         logits = self.head(hidden.to(self.head.weight.device))

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import codec_v2, paths, remote, row_stats
+from pipeline import hidden as hidden_states
 from pipeline.capture_spec import CaptureSpec
 from pipeline.codec_v2 import MAX_LOGPROB_STEP, MAX_SQRT_STEP, CodecSettings
 from pipeline.config import RecodeConfig
@@ -82,6 +83,7 @@ CARRIED_SECTIONS = (
     "rows_per_shard",
     "packing",
     "dataset",
+    "hidden",
 )
 REWRITTEN_SECTIONS = ("format_version", "codec", "capture", "columns", "recoded_from")
 # Relative slack when comparing steps given as decimal fractions (0.3 / 0.1 = 2.9999999999999996).
@@ -265,7 +267,8 @@ def recode_header(
         format_version=FORMAT_VERSION,
         codec=settings.to_json(),
         capture={**copy.deepcopy(source.raw["capture"]), **spec.to_json()},
-        columns=codec_v2.columns(spec, settings, provenance=provenance, row_stats=with_row_stats),
+        columns=codec_v2.columns(spec, settings, provenance=provenance, row_stats=with_row_stats)
+        + (source.hidden.columns() if source.hidden is not None else []),
         recoded_from={
             "manifest_sha256": source.raw[CHECKSUM_FIELD],
             "codec": copy.deepcopy(source.codec),
@@ -281,7 +284,7 @@ def plan_recode(cfg: RecodeConfig, source: Manifest) -> RecodePlan:
     source_settings = source_codec(source)
     settings = target_codec(cfg, source_settings, spec)
     provenance = {column.name for column in source.columns} >= set(codec_v2.PROVENANCE_COLUMNS)
-    unknown = [column.name for column in source.columns if column.name not in reader.read_columns(source)]
+    unknown = [column.name for column in source.columns if column.name not in reader.read_columns(source, True)]
     if unknown:
         log.warning("the source's optional column(s) %s are unknown here and not carried over", ", ".join(unknown))
     header = recode_header(source, spec, settings, provenance, source.has_row_stats)
@@ -482,7 +485,7 @@ def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardE
             written = {committed_entry.name for committed_entry in committed}
             for number, entry in enumerate(source.shards):
                 done = layout.shard_name(number) in written
-                for seq_index, cells in reader.iter_shard_frames(src, entry, source):
+                for seq_index, cells in reader.iter_shard_frames(src, entry, source, hidden=True):
                     row = reader.decode_checked_row(cells, source, entry.name)
                     hasher.update(row.input_ids)
                     if done:
@@ -495,6 +498,9 @@ def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardE
                         cell = cells[row_stats.COLUMN]
                         row_stats.decode_cells([cell], source.logit_width, f"shard '{entry.name}'")  # type: ignore[list-item]
                         recoded[row_stats.COLUMN] = cell
+                    for layer in source.hidden.layers if source.hidden is not None else ():
+                        name = hidden_states.column_name(layer)  # carried as stored: recoding leaves them alone
+                        recoded[name] = cells[name]
                     shard_writer.add(seq_index, recoded, source.seq_len)
                 if not done:
                     bar.update(entry.tokens)

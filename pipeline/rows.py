@@ -33,6 +33,8 @@ class SparseRow:
         counts: ``(T, K)`` int32 draws per id (sampled: every valid slot counts at least
             one; hybrid: 0 on the head's slots), or ``None`` for top-k and top-p.
         lengths: ``(T,)`` int32 valid slots per position, or ``None`` when all ``K`` are.
+        hidden: layer -> ``(T, D)`` float32 hidden states of the teacher at each position
+            (:mod:`pipeline.hidden`), or ``None`` when none are stored.
     """
 
     input_ids: np.ndarray
@@ -41,6 +43,7 @@ class SparseRow:
     tail_logmass: np.ndarray | None
     counts: np.ndarray | None = None
     lengths: np.ndarray | None = None
+    hidden: dict[int, np.ndarray] | None = None
 
     @property
     def topk_ids(self) -> np.ndarray:

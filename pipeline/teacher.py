@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline import codec_v2, distributed, models, paths, remote, row_stats
+from pipeline import hidden as hidden_states
 from pipeline.capture import capture
 from pipeline.capture_spec import GENERATOR_NAME, CaptureSpec
 from pipeline.config import TeacherCacheConfig
@@ -147,6 +148,8 @@ def capture_batch(
     first_seq: int,
     chunk_positions: int,
     measure: bool = True,
+    layers: hidden_states.HiddenSpec | None = None,
+    projection: torch.Tensor | None = None,
 ) -> tuple[list[SparseRow], list[bytes] | None]:
     """Teacher forward on ``(B, T)`` int64 ids whose first row is sequence ``first_seq``; one row per sequence,
     and each row's ``row_stats`` cell (:mod:`pipeline.row_stats`).
@@ -156,10 +159,19 @@ def capture_batch(
     device, before the capture may overwrite the logits) are copied to the CPU as they are
     made, without the host waiting for each copy (one synchronisation per batch).
     Position ``t`` of sequence ``s`` is global position ``s * T + t``, which keys the draws
-    of sampled captures.
+    of sampled captures. With ``layers``, each row also carries those layers' hidden states,
+    multiplied by ``projection`` (``(H, D)`` float32, on the device) when given.
     """
     batch, seq_len = input_ids.shape
-    hidden = head.hidden_states(input_ids).reshape(batch * seq_len, -1)
+    if layers is None:
+        final = head.hidden_states(input_ids)
+        kept: dict[int, torch.Tensor] = {}
+    else:
+        final, kept = head.hidden_states_of(input_ids, layers.layers)
+        if projection is not None:
+            kept = {layer: states.float() @ projection.to(states.device) for layer, states in kept.items()}
+        kept = {layer: _to_host(states.float()) for layer, states in kept.items()}
+    hidden = final.reshape(batch * seq_len, -1)
     positions = first_seq * seq_len + torch.arange(batch * seq_len, dtype=torch.int64, device=hidden.device)
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, hidden.shape[0], chunk_positions):
@@ -195,6 +207,7 @@ def capture_batch(
                 tail_logmass=joined["tail_logmass"][window] if "tail_logmass" in joined else None,
                 counts=joined["counts"][window] if "counts" in joined else None,
                 lengths=joined["lengths"][window] if "lengths" in joined else None,
+                hidden={layer: states[row].numpy() for layer, states in kept.items()} if kept else None,
             )
         )
     return rows, stats
@@ -224,12 +237,21 @@ class RowEncoder:
     """Encodes captured rows on worker threads (zstd and numpy release the GIL); the output is the
     same whatever the number of threads."""
 
-    def __init__(self, spec: CaptureSpec, settings: codec_v2.CodecSettings, threads: int | None = None) -> None:
-        self.spec, self.settings = spec, settings
+    def __init__(
+        self,
+        spec: CaptureSpec,
+        settings: codec_v2.CodecSettings,
+        threads: int | None = None,
+        hidden: hidden_states.HiddenEncoding = "bf16",
+    ) -> None:
+        self.spec, self.settings, self.hidden = spec, settings, hidden
         self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
 
     def _encode(self, row: SparseRow) -> dict[str, bytes]:
-        return codec_v2.encode_row(row, self.spec, self.settings)
+        frames = codec_v2.encode_row(row, self.spec, self.settings)
+        for layer, states in (row.hidden or {}).items():
+            frames[hidden_states.column_name(layer)] = hidden_states.encode(states, self.hidden, self.settings.level)
+        return frames
 
     def encode(
         self, first_seq: int, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes] | None
@@ -584,7 +606,10 @@ def _write_cache(
             bar = progress_bar(total, "teacher pass", "tok", 0, enabled=progress and world.is_main, unit_scale=True)
             checked = False
             background = BackgroundWriter(shard_writer, cfg.seq_len, WRITE_QUEUE_BATCHES * cfg.batch_size)
-            with RowEncoder(spec, settings) as encoder, background:
+            layers = hidden_spec(cfg, model.config)
+            matrix = layers.projection_matrix() if layers else None
+            projection = None if matrix is None else torch.from_numpy(matrix).to(input_device)
+            with RowEncoder(spec, settings, hidden=cfg.hidden_encoding) as encoder, background:
                 batches = owned_batches(
                     sequences, cfg.batch_size, cfg.rows_per_shard, owned, hasher, count, first_index
                 )
@@ -595,7 +620,9 @@ def _write_cache(
                     if not checked:
                         head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                         checked = True
-                    rows, stats = capture_batch(head, input_ids, spec, first, chunk_positions, cfg.row_stats)
+                    rows, stats = capture_batch(
+                        head, input_ids, spec, first, chunk_positions, cfg.row_stats, layers, projection
+                    )
                     # Rows encode on worker threads and are written, in order, on the writer's
                     # thread while the teacher runs the next batches.
                     background.put(encoder.encode(first, batch, rows, stats))
@@ -718,6 +745,11 @@ def _fingerprint(tokenizer: Any, teacher_source: models.Source) -> str:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def hidden_spec(cfg: TeacherCacheConfig, config: Any) -> hidden_states.HiddenSpec | None:
+    """What ``--hidden-layers`` asks the pass to store of this teacher, checked against its config."""
+    return hidden_states.spec_for(cfg.hidden_layers, cfg.hidden_encoding, cfg.hidden_dim, cfg.hidden_seed, config)
+
+
 def cache_header(
     cfg: TeacherCacheConfig,
     dataset_display: str,
@@ -733,12 +765,15 @@ def cache_header(
     The manifest is this header plus the results (token-stream hash, tokenizer files,
     totals, shards); a resumed or repeated pass must find the same header.
     """
+    layers = hidden_spec(cfg, config)
     return {
         "format": layout.FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "codec": cfg.codec_settings().to_json(),
         "capture": capture_header(cfg.capture_spec()),
-        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings(), row_stats=cfg.row_stats),
+        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings(), row_stats=cfg.row_stats)
+        + (layers.columns() if layers else []),
+        **({"hidden": layers.to_json()} if layers else {}),
         "position_convention": "row position t holds the teacher's distribution over token t+1",
         "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
         "compute": {"device_type": device.type, "batch_size": cfg.batch_size},

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import edit_manifest, make_cache
+from conftest import edit_manifest, make_cache, run_cli
 from helpers import change_first_row, reseal_shard, rewrite_rows, write_table
 
 import pipeline
@@ -492,3 +492,32 @@ def test_the_v1_recipe_refuses_forged_caches(v1, tmp_path, forge, message):
     with pytest.raises(CacheError):
         for _ in pipeline.open_cache(cache):
             pass
+
+
+def test_the_v2_recipe_reads_hidden_states_and_rebuilds_the_projection_as_the_package_does(
+    v2, teacher_dir, corpus, tmp_path
+):
+    from pipeline import hidden
+    from pipeline.store import reader
+
+    assert np.array_equal(v2["hidden_projection"](11, 40, 7), hidden.projection(11, 40, 7))
+    for encoding, dim in (("bf16", None), ("int8", "12")):
+        cache = tmp_path / encoding
+        options = ["--hidden-layers", "0,-1", "--hidden-encoding", encoding] + (["--hidden-dim", dim] if dim else [])
+        result = run_cli(
+            "teacher-cache", "--teacher", str(teacher_dir), "--dataset", str(corpus["heldout"]), "--out", str(cache),
+            "--seq-len", "16", "--top-k", "4", "--max-tokens", "96", *options,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        manifest = reader.read_manifest(cache)
+        for layer in manifest.hidden.layers:
+            package = np.stack(
+                [
+                    reader.decode_hidden(cells, manifest)[layer]
+                    for entry in manifest.shards
+                    for _, cells in reader.iter_shard_frames(cache, entry, manifest, hidden=True)
+                ]
+            )
+            assert np.array_equal(v2["read_hidden"](str(cache), layer), package)
+        with pytest.raises(ValueError, match="no hidden states of layer 1"):
+            v2["read_hidden"](str(cache), 1)

@@ -81,12 +81,15 @@ def check_shard(cache_dir: Path, entry: ShardEntry) -> None:
         )
 
 
-def read_columns(manifest: Manifest) -> tuple[str, ...]:
+def read_columns(manifest: Manifest, hidden: bool = False) -> tuple[str, ...]:
     """The columns a reader takes from each row: version 1's fixed four, or the version 2 registry's
-    columns this codec knows (optional columns it does not know are skipped)."""
+    columns this codec knows (optional columns it does not know are skipped); with ``hidden``, also
+    the hidden-state columns (:mod:`pipeline.hidden`), which are large and read only when asked."""
     if manifest.format_version == 1:
         return codec.PAYLOAD_COLUMNS
     registry = codec_v2.columns(manifest.capture, codec_settings(manifest), row_stats=True)
+    if hidden and manifest.hidden is not None:
+        registry += manifest.hidden.columns()
     known = {(column["name"], column["encoding"]) for column in registry}
     return tuple(column.name for column in manifest.columns if (column.name, column.encoding) in known)
 
@@ -142,9 +145,9 @@ def checked_batch(reader: Any, batch_index: int, entry: ShardEntry, first_row: i
     return batch
 
 
-def batch_cells(batch: pa.RecordBatch, manifest: Manifest) -> list[dict[str, bytes | int]]:
+def batch_cells(batch: pa.RecordBatch, manifest: Manifest, hidden: bool = False) -> list[dict[str, bytes | int]]:
     """Each row's cells of a checked record batch: :func:`read_columns` -> frame bytes (or int for int64 columns)."""
-    names = read_columns(manifest)
+    names = read_columns(manifest, hidden)
     integers = {column.name for column in manifest.columns if column.encoding == INT64_ENCODING}
     payload = {name: batch.column(name).to_numpy() if name in integers else batch.column(name) for name in names}
     return [
@@ -154,7 +157,7 @@ def batch_cells(batch: pa.RecordBatch, manifest: Manifest) -> list[dict[str, byt
 
 
 def iter_shard_frames(
-    cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True
+    cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool = True, hidden: bool = False
 ) -> Iterator[tuple[int, dict[str, bytes | int]]]:
     """``(seq_index, cells)`` for each row of one shard, still encoded (:func:`open_shard`, :func:`batch_cells`).
 
@@ -166,7 +169,7 @@ def iter_shard_frames(
     with open_shard(cache_dir, entry, manifest, verify) as reader:
         for batch_index in range(reader.num_record_batches):
             batch = checked_batch(reader, batch_index, entry, seen)
-            for cells in batch_cells(batch, manifest):
+            for cells in batch_cells(batch, manifest, hidden):
                 yield entry.first_seq + seen, cells
                 seen += 1
     if seen != entry.rows:
@@ -365,3 +368,16 @@ def written_stream(cache_dir: Path, prefix: list[ShardEntry], seq_len: int, hash
         offsets = table.column("record_offset").to_pylist()
         position = StreamPosition(entry.first_seq + entry.rows, int(records[-1]), int(offsets[-1]))
     return position
+
+
+def decode_hidden(cells: dict[str, bytes | int], manifest: Manifest) -> dict[int, np.ndarray]:
+    """A row's stored hidden states, layer -> ``(T, D)`` float32 (empty when the cache holds none)."""
+    from pipeline import hidden
+
+    spec = manifest.hidden
+    if spec is None:
+        return {}
+    return {
+        layer: hidden.decode(cells[hidden.column_name(layer)], spec.encoding, manifest.seq_len, spec.dim)  # type: ignore[arg-type]
+        for layer in spec.layers
+    }
