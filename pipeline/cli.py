@@ -66,6 +66,13 @@ def main(verbose: bool, quiet: bool) -> None:
     "--no-row-stats saves their cost in the LM head's pass.",
 )
 @click.option(
+    "--chat-template",
+    is_flag=True,
+    help="Read chat data: render --messages-column with the tokenizer's chat template and store a loss mask "
+    "(the assistant's tokens count, prompts and system text do not).",
+)
+@click.option("--messages-column", default="messages", show_default=True, help="Column of chat messages.")
+@click.option(
     "--hidden-layers",
     default=None,
     callback=lambda _ctx, _param, value: _parse_layers(value),

@@ -81,6 +81,8 @@ LOGPROBS_SQRT = "sqrt-prob-u16-shuffle-zstd"
 TAIL_F32 = "f32-shuffle-zstd"
 INT64 = "int64"
 PROVENANCE_COLUMNS = ("source_record", "record_offset")
+LOSS_MASK = "loss_mask"
+LOSS_MASK_BITS = "bits-lsb-zstd"
 # float16 rounding can lift a log-probability of -1e-4 to a hair above 0.
 LOGPROB_SLACK = 1e-3
 # Captured ids a teacher gives no probability (logits masked to -inf) are stored at this
@@ -172,13 +174,21 @@ def default_mode(spec: CaptureSpec) -> str:
 
 
 def columns(
-    spec: CaptureSpec, settings: CodecSettings, provenance: bool = True, row_stats: bool = False
+    spec: CaptureSpec,
+    settings: CodecSettings,
+    provenance: bool = True,
+    row_stats: bool = False,
+    loss_mask: bool = False,
 ) -> list[dict[str, Any]]:
     """The column registry for a capture: ``{name, kind, encoding, required}`` per column, in shard order.
 
-    ``row_stats`` adds the optional per-row teacher statistics (:mod:`pipeline.row_stats`).
+    ``row_stats`` adds the optional per-row teacher statistics (:mod:`pipeline.row_stats`);
+    ``loss_mask`` the required per-position loss mask of chat data (a reader that cannot
+    apply it must not read the cache).
     """
     registry = [_column("input_ids", "tokens", SHUFFLE_U32)]
+    if loss_mask:
+        registry.append(_column(LOSS_MASK, LOSS_MASK, LOSS_MASK_BITS))
     if spec.variable_length:
         registry.append(_column("lengths", "lengths", SHUFFLE_U32))
     registry.append(_column("ids", "ids", SORTED_IDS))
@@ -235,7 +245,8 @@ def codec_problem(codec_info: dict[str, Any], registry: list[dict[str, Any]], sp
     if isinstance(level, bool) or not isinstance(level, int):
         return "codec.zstd_level should be an integer"
     settings = CodecSettings.for_mode(mode, float(step) if step is not None else None)
-    expected = {column["name"]: column for column in columns(spec, settings)}
+    masked = any(column.get("name") == LOSS_MASK for column in registry)
+    expected = {column["name"]: column for column in columns(spec, settings, loss_mask=masked)}
     for column in registry:
         known = expected.get(column["name"])
         if known is None:
@@ -309,6 +320,8 @@ def encode_row(row: SparseRow, spec: CaptureSpec, settings: CodecSettings) -> di
     ids = np.take_along_axis(row.ids.astype(np.int64), order, axis=1)[stored_valid]
     starts = _group_starts(lengths, _head_size(spec))
     frames = {"input_ids": _frame(row.input_ids, "<u4", level)}
+    if row.loss_mask is not None:
+        frames[LOSS_MASK] = _frame(np.packbits(row.loss_mask.astype(bool), bitorder="little"), "u1", level)
     if spec.variable_length:
         frames["lengths"] = _frame(lengths, "<u4", level)
     frames["ids"] = _encode_ids(ids, starts, level)
@@ -466,6 +479,12 @@ def decode_row(
     input_ids = decode_array(frames["input_ids"], "<u4", T).astype(np.int64)
     if input_ids.size and int(input_ids.max()) >= logit_width:
         raise CacheError(f"an input id is not below logit_width {logit_width}")
+    loss_mask = None
+    if LOSS_MASK in frames:
+        packed = decode_array(frames[LOSS_MASK], "u1", (T + 7) // 8)
+        loss_mask = np.unpackbits(packed, count=T, bitorder="little").astype(bool)
+        if T % 8 and int(packed[-1]) >> (T % 8):
+            raise CacheError("a loss_mask frame sets bits past the row's last position; the shard is corrupt")
     head = _head_size(spec)
     if spec.variable_length:
         lengths = decode_array(frames["lengths"], "<u4", T).astype(np.int64)
@@ -513,6 +532,7 @@ def decode_row(
         tail_logmass=tail,
         counts=counts,
         lengths=lengths.astype(np.int32) if spec.variable_length else None,
+        loss_mask=loss_mask,
     )
     return _most_probable_first(row, keys, spec) if spec.strategy in ("topk", "topp", "hybrid") else row
 
@@ -629,4 +649,4 @@ def _most_probable_first(row: SparseRow, keys: np.ndarray, spec: CaptureSpec) ->
     ids, values = row.ids.copy(), row.logprobs.copy()
     ids[:, :head] = row.ids.ravel()[flat].reshape(order.shape)
     values[:, :head] = row.logprobs.ravel()[flat].reshape(order.shape)
-    return SparseRow(row.input_ids, ids, values, row.tail_logmass, row.counts, row.lengths)
+    return SparseRow(row.input_ids, ids, values, row.tail_logmass, row.counts, row.lengths, loss_mask=row.loss_mask)

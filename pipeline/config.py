@@ -67,6 +67,8 @@ class TeacherCacheConfig:
     batch_size: int = 8
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     row_stats: bool = True
+    chat_template: bool = False
+    messages_column: str = "messages"
     hidden_layers: tuple[int, ...] = ()
     hidden_encoding: Literal["bf16", "int8"] = "bf16"
     hidden_dim: int | None = None

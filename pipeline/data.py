@@ -319,18 +319,19 @@ def tokenize_documents(
 
 
 def skip_documents_with_ids_from(
-    records: Iterable[tuple[int, list[int]]], limit: int | None, skipped: SkippedDocuments
-) -> Iterator[tuple[int, list[int]]]:
-    """Drop each ``(record, ids)`` holding an id ``>= limit`` (one the teacher cannot embed), counting it.
+    records: Iterable[tuple[Any, ...]], limit: int | None, skipped: SkippedDocuments
+) -> Iterator[tuple[Any, ...]]:
+    """Drop each ``(record, ids, ...)`` holding an id ``>= limit`` (one the teacher cannot embed), counting it.
 
     ``limit=None`` passes everything through. The decision depends on the document alone,
     so a resumed pass skips exactly the documents an uninterrupted one skips.
     """
-    for record, ids in records:
+    for item in records:
+        ids = item[1]
         if limit is not None and ids and max(ids) >= limit:
             skipped.count += 1
             continue
-        yield record, ids
+        yield item
 
 
 @dataclass(frozen=True)
@@ -341,44 +342,67 @@ class PackedSequence:
         input_ids: ``(seq_len,)`` int64.
         source_record: index of the dataset record holding the sequence's first token.
         record_offset: that token's offset in the record's token ids (BOS counted).
+        target_mask: ``(seq_len,)`` bool, whether the token after each position (its target)
+            counts in the losses, or ``None`` when every token does (documents without a mask).
     """
 
     input_ids: np.ndarray
     source_record: int
     record_offset: int
+    target_mask: np.ndarray | None = None
 
 
 def pack_records(
-    records: Iterable[tuple[int, list[int]]],
+    records: Iterable[tuple[Any, ...]],
     seq_len: int,
     max_sequences: int | None = None,
     first_offset: int = 0,
     first_index: int = 0,
+    masked: bool = False,
 ) -> Iterator[PackedSequence]:
     """Concatenate ``(record, ids)`` documents and cut the stream into sequences of ``seq_len`` tokens.
 
     The trailing partial sequence is dropped; at most ``max_sequences`` are produced, counted
     from sequence ``first_index``. A stream resumed mid-document starts at token ``first_offset``
-    of the first record (sequence ``first_index`` starting there).
+    of the first record (sequence ``first_index`` starting there). With ``masked``, records are
+    ``(record, ids, token_mask)`` and each sequence's ``target_mask[t]`` is the mask of the token
+    after position ``t``: the next sequence's first token for the last position, or ``False``
+    at the end of the stream.
     """
     produced = first_index
     if max_sequences is not None and produced >= max_sequences:
         return
     pending: list[int] = []
+    pending_mask: list[bool] = []
     starts: list[tuple[int, int, int]] = []  # (position in pending, record, offset in the record at that position)
     skip_next = first_offset
-    for record, ids in records:
+    lookahead = 1 if masked else 0  # a row's last target is the token after it
+
+    def cut(following: bool) -> PackedSequence:
+        nonlocal pending, pending_mask, starts
+        _, first_record, first_token = starts[0]
+        target_mask = None
+        if masked:
+            target_mask = np.asarray(pending_mask[1 : seq_len + 1] + ([] if following else [False]), dtype=bool)
+        sequence = PackedSequence(np.asarray(pending[:seq_len], dtype=np.int64), first_record, first_token, target_mask)
+        del pending[:seq_len], pending_mask[:seq_len]
+        starts = _after_cut(starts, seq_len)
+        return sequence
+
+    for item in records:
+        record, ids = item[0], item[1]
         skip, skip_next = skip_next, 0
         starts.append((len(pending), record, skip))
         pending.extend(ids[skip:])
-        while len(pending) >= seq_len:
-            _, first_record, first_offset = starts[0]
-            yield PackedSequence(np.asarray(pending[:seq_len], dtype=np.int64), first_record, first_offset)
-            del pending[:seq_len]
-            starts = _after_cut(starts, seq_len)
+        if masked:
+            pending_mask.extend(item[2][skip:])
+        while len(pending) >= seq_len + lookahead:
+            yield cut(following=True)
             produced += 1
             if max_sequences is not None and produced >= max_sequences:
                 return
+    if masked and len(pending) == seq_len:  # the last full sequence: nothing follows it
+        yield cut(following=False)
 
 
 def _after_cut(starts: list[tuple[int, int, int]], cut: int) -> list[tuple[int, int, int]]:

@@ -267,7 +267,13 @@ def recode_header(
         format_version=FORMAT_VERSION,
         codec=settings.to_json(),
         capture={**copy.deepcopy(source.raw["capture"]), **spec.to_json()},
-        columns=codec_v2.columns(spec, settings, provenance=provenance, row_stats=with_row_stats)
+        columns=codec_v2.columns(
+            spec,
+            settings,
+            provenance=provenance,
+            row_stats=with_row_stats,
+            loss_mask=any(column.name == codec_v2.LOSS_MASK for column in source.columns),
+        )
         + (source.hidden.columns() if source.hidden is not None else []),
         recoded_from={
             "manifest_sha256": source.raw[CHECKSUM_FIELD],
@@ -333,7 +339,9 @@ def truncate_row(row: SparseRow, k: int) -> SparseRow:
     dropped_mass[any_dropped] = peak[any_dropped] + np.log(shifted.sum(axis=1))
     tail = np.logaddexp(row.tail_logmass.astype(np.float64), dropped_mass)
     lengths = None if row.lengths is None else np.minimum(row.lengths, k).astype(np.int32)
-    return SparseRow(row.input_ids, row.ids[:, :k].copy(), logprobs[:, :k], tail, None, lengths)
+    return SparseRow(
+        row.input_ids, row.ids[:, :k].copy(), logprobs[:, :k], tail, None, lengths, loss_mask=row.loss_mask
+    )
 
 
 def recode_row(row: SparseRow, plan: RecodePlan) -> SparseRow:

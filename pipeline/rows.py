@@ -35,6 +35,8 @@ class SparseRow:
         lengths: ``(T,)`` int32 valid slots per position, or ``None`` when all ``K`` are.
         hidden: layer -> ``(T, D)`` float32 hidden states of the teacher at each position
             (:mod:`pipeline.hidden`), or ``None`` when none are stored.
+        loss_mask: ``(T,)`` bool, whether position ``t``'s target (token ``t + 1``) counts in
+            the losses (chat data: the assistant's tokens), or ``None`` when every one does.
     """
 
     input_ids: np.ndarray
@@ -44,6 +46,7 @@ class SparseRow:
     counts: np.ndarray | None = None
     lengths: np.ndarray | None = None
     hidden: dict[int, np.ndarray] | None = None
+    loss_mask: np.ndarray | None = None
 
     @property
     def topk_ids(self) -> np.ndarray:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import codec_v2, distributed, models, paths, remote, row_stats
+from pipeline import chat, codec_v2, distributed, models, paths, remote, row_stats
 from pipeline import hidden as hidden_states
 from pipeline.capture import capture
 from pipeline.capture_spec import GENERATOR_NAME, CaptureSpec
@@ -247,7 +247,9 @@ class RowEncoder:
         self.spec, self.settings, self.hidden = spec, settings, hidden
         self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
 
-    def _encode(self, row: SparseRow) -> dict[str, bytes]:
+    def _encode(self, row: SparseRow, target_mask: np.ndarray | None = None) -> dict[str, bytes]:
+        if target_mask is not None:
+            row = dataclasses.replace(row, loss_mask=target_mask)
         frames = codec_v2.encode_row(row, self.spec, self.settings)
         for layer, states in (row.hidden or {}).items():
             frames[hidden_states.column_name(layer)] = hidden_states.encode(states, self.hidden, self.settings.level)
@@ -264,7 +266,7 @@ class RowEncoder:
                 packed.source_record,
                 packed.record_offset,
                 cell,
-                self.pool.submit(self._encode, row),
+                self.pool.submit(self._encode, row, packed.target_mask),
             )
             for offset, (packed, row, cell) in enumerate(zip(batch, rows, cells, strict=True))
         ]
@@ -419,8 +421,17 @@ def _run_local(cfg: TeacherCacheConfig, progress: bool, world: distributed.World
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} positions; lower it")
     unembeddable = check_embeddable(tokenizer, width)
+    if cfg.chat_template:
+        chat.check_chat_tokenizer(tokenizer, teacher_source.display)
+    column = cfg.messages_column if cfg.chat_template else cfg.text_column
     stream = open_text_stream(
-        cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.txt_sample_by, cfg.txt_encoding_errors
+        cfg.dataset,
+        cfg.dataset_config,
+        cfg.split,
+        column,
+        cfg.txt_sample_by,
+        cfg.txt_encoding_errors,
+        messages=cfg.chat_template,
     )
     device = world.device(models.pick_device(cfg.device))
     dtype = models.pick_dtype(cfg.dtype, device)
@@ -567,7 +578,10 @@ def _write_cache(
         return shard % world.size == world.rank and shard not in finished
 
     hasher, skipped = TokenStreamHasher(), SkippedDocuments()
-    sequences, first_index = resumed_stream(out, committed, cfg, stream, tokenizer, skip_from_id, skipped, hasher)
+    chat_stats = chat.ChatStats()
+    sequences, first_index = resumed_stream(
+        out, committed, cfg, stream, tokenizer, skip_from_id, skipped, hasher, chat_stats
+    )
     count = StreamCount(first_index)
     try:
         with shard_writer:
@@ -642,6 +656,14 @@ def _write_cache(
             f"dataset '{stream.display}' gave fewer than {cfg.seq_len} tokens, not one full sequence{because}; "
             "add data or lower --seq-len"
         )
+    if cfg.chat_template:
+        log.info(
+            "chat: assistant turns found by prefix rendering in %d conversation(s), by content search in %d; "
+            "%d without an assistant turn (nothing of them counts in the losses)",
+            chat_stats.prefix_spans,
+            chat_stats.content_search,
+            chat_stats.without_assistant,
+        )
     world.barrier()  # every rank's shards are committed and journaled
     if not world.is_main:
         mine = shard_writer.shards
@@ -682,6 +704,7 @@ def resumed_stream(
     skip_from_id: int | None,
     skipped: SkippedDocuments,
     hasher: TokenStreamHasher,
+    chat_stats: chat.ChatStats | None = None,
 ) -> tuple[Iterator[PackedSequence], int]:
     """The packed stream from the first sequence after the cache's committed prefix, and that sequence's index.
 
@@ -696,14 +719,19 @@ def resumed_stream(
             break
         prefix.append(entry)
     position = reader.written_stream(out, prefix, cfg.seq_len, hasher)
-    if position is None:
-        records = skip_documents_with_ids_from(tokenize_records(stream.documents, tokenizer), skip_from_id, skipped)
-        return pack_records(records, cfg.seq_len, cfg.max_sequences), 0
-    documents = itertools.islice(iter(stream.documents), position.source_record, None)
-    tokenized = tokenize_records(documents, tokenizer, first_record=position.source_record)
+    first_record = 0 if position is None else position.source_record
+    documents = itertools.islice(iter(stream.documents), first_record, None)
+    if cfg.chat_template:
+        tokenized = chat.tokenize_chat_records(documents, tokenizer, chat_stats, first_record)
+    else:
+        tokenized = tokenize_records(documents, tokenizer, first_record=first_record)
     records = skip_documents_with_ids_from(tokenized, skip_from_id, skipped)
+    if position is None:
+        return pack_records(records, cfg.seq_len, cfg.max_sequences, masked=cfg.chat_template), 0
     last_written = position.sequences - 1
-    sequences = pack_records(records, cfg.seq_len, cfg.max_sequences, position.record_offset, last_written)
+    sequences = pack_records(
+        records, cfg.seq_len, cfg.max_sequences, position.record_offset, last_written, masked=cfg.chat_template
+    )
     next(sequences, None)  # the last written sequence again: where the next one starts
     log.info(
         "resuming the stream at sequence %d (dataset record %d): the first %d were read back from their shards",
@@ -771,7 +799,9 @@ def cache_header(
         "format_version": FORMAT_VERSION,
         "codec": cfg.codec_settings().to_json(),
         "capture": capture_header(cfg.capture_spec()),
-        "columns": codec_v2.columns(cfg.capture_spec(), cfg.codec_settings(), row_stats=cfg.row_stats)
+        "columns": codec_v2.columns(
+            cfg.capture_spec(), cfg.codec_settings(), row_stats=cfg.row_stats, loss_mask=cfg.chat_template
+        )
         + (layers.columns() if layers else []),
         **({"hidden": layers.to_json()} if layers else {}),
         "position_convention": "row position t holds the teacher's distribution over token t+1",
@@ -796,12 +826,20 @@ def cache_header(
             "txt_encoding_errors": cfg.txt_encoding_errors,
             "unembeddable_ids": "documents skipped",
             "embedding_rows": width,
+            **(
+                {
+                    "chat_template": "the tokenizer's, one BOS (the template's), then EOS",
+                    "loss_mask": "assistant turns: spans by prefix rendering, else content search",
+                }
+                if cfg.chat_template
+                else {}
+            ),
         },
         "dataset": {
             "source": dataset_display,
             "config": cfg.dataset_config,
             "split": cfg.split,
-            "text_column": cfg.text_column,
+            "text_column": cfg.messages_column if cfg.chat_template else cfg.text_column,
             "max_tokens": cfg.max_tokens,
         },
     }

@@ -1,0 +1,149 @@
+"""Chat data in the teacher pass: the chat template, one BOS, and the loss mask of the assistant's tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_sentences, run_cli
+
+from pipeline import chat
+from pipeline.store import reader
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+# A template that renders the last turn apart from the others: its prefixes are not prefixes of the whole.
+UNSTABLE = (
+    "{{ bos_token }}{% for m in messages %}{% if loop.last %}[{{ m['role'] }}]{% else %}<{{ m['role'] }}>"
+    "{% endif %}{{ m['content'] }}<eos>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def with_template(teacher_dir, folder, template):
+    shutil.copytree(teacher_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def squeeze(text: str) -> str:
+    """Text without spaces or the byte-level space marker, to compare decodings of any tokenizer."""
+    return text.replace(" ", "").replace("\u0120", "")
+
+
+def conversations(count: int, seed: int) -> list[list[dict[str, str]]]:
+    texts = make_sentences(count * 3, seed)
+    return [
+        [
+            {"role": "system", "content": texts[3 * i]},
+            {"role": "user", "content": texts[3 * i + 1]},
+            {"role": "assistant", "content": texts[3 * i + 2]},
+        ]
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize(("template", "method"), [(TEMPLATE, "prefix_spans"), (UNSTABLE, "content_search")])
+def test_the_assistant_tokens_are_found_and_only_they(teacher_dir, tmp_path, template, method):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(with_template(teacher_dir, tmp_path / "t", template)))
+    stats = chat.ChatStats()
+    for messages in conversations(4, 1):
+        ids, mask = chat.tokenize_chat(tokenizer, messages, stats)
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+        assert ids[-1] == tokenizer.eos_token_id and not mask[-1]
+        assistant = squeeze(tokenizer.decode([i for i, keep in zip(ids, mask, strict=True) if keep]))
+        others = squeeze(tokenizer.decode([i for i, keep in zip(ids, mask, strict=True) if not keep]))
+        content = squeeze(messages[2]["content"])
+        assert assistant.startswith(content)  # the content, then at most the turn's closing token
+        assert len(assistant) <= len(content) + len("<eos>")
+        assert squeeze(messages[1]["content"]) in others and content not in others
+    assert getattr(stats, method) == 4
+
+
+def test_a_chat_cache_stores_the_mask_of_each_target_token(teacher_dir, tmp_path):
+    teacher = with_template(teacher_dir, tmp_path / "teacher", TEMPLATE)
+    dataset = tmp_path / "chat.jsonl"
+    talks = conversations(12, 2)
+    dataset.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in talks))
+    cache = tmp_path / "cache"
+    result = run_cli(
+        "teacher-cache", "--teacher", str(teacher), "--dataset", str(dataset), "--out", str(cache),
+        "--chat-template", "--seq-len", "16", "--top-k", "4", "--shard-tokens", "64",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = reader.read_manifest(cache)
+    assert manifest.raw["packing"]["loss_mask"].startswith("assistant turns")
+    rows = [
+        reader.decode_checked_row(cells, manifest, entry.name)
+        for entry in manifest.shards
+        for _, cells in reader.iter_shard_frames(cache, entry, manifest)
+    ]
+    # The stream the teacher pass packed, rebuilt: every token and its assistant mask, in order.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    stream_ids, stream_mask = [], []
+    for messages in talks:
+        ids, mask = chat.tokenize_chat(tokenizer, messages, chat.ChatStats())
+        stream_ids += ids
+        stream_mask += mask
+    for number, row in enumerate(rows):
+        start = number * 16
+        assert row.input_ids.tolist() == stream_ids[start : start + 16]
+        following = stream_mask[start + 1 : start + 17]
+        expected = following + [False] * (16 - len(following))
+        assert row.loss_mask.tolist() == expected  # position t: whether token t + 1 is the assistant's
+    assert 0 < np.mean([row.loss_mask.mean() for row in rows]) < 0.6
+
+
+def test_chat_options_are_refused_without_a_template(teacher_dir, tmp_path):
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text(json.dumps({"messages": conversations(1, 3)[0]}) + "\n")
+    result = run_cli(
+        "teacher-cache", "--teacher", str(teacher_dir), "--dataset", str(dataset), "--out", str(tmp_path / "c"),
+        "--chat-template", "--seq-len", "16",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "has no chat template" in result.output
+    assert not (tmp_path / "c").exists()
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"messages": "not a list"}) + "\n")
+    teacher = with_template(teacher_dir, tmp_path / "teacher", TEMPLATE)
+    result = run_cli(
+        "teacher-cache", "--teacher", str(teacher), "--dataset", str(text), "--out", str(tmp_path / "c"),
+        "--chat-template", "--seq-len", "16",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "not a list of {role, content} messages" in result.output
+
+
+def test_a_killed_chat_pass_resumes_mid_conversation_to_the_same_bytes(teacher_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.store.atomic import CRASH_ENV
+
+    teacher = with_template(teacher_dir, tmp_path / "teacher", TEMPLATE)
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations(12, 4)))
+    args = ["--teacher", str(teacher), "--dataset", str(dataset), "--chat-template", "--seq-len", "16"]
+    args += ["--top-k", "4", "--shard-tokens", "48"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli("teacher-cache", *args, "--out", str(whole)).exit_code == 0
+    child = subprocess.run(
+        [sys.executable, "-m", "pipeline", "-q", "teacher-cache", *args, "--out", str(resumed)],
+        env={**os.environ, CRASH_ENV: "shard-after-rename:3"},
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert run_cli("teacher-cache", *args, "--out", str(resumed)).exit_code == 0
+    for path in [*sorted(whole.glob("shard-*.arrow")), whole / "manifest.json"]:
+        assert (resumed / path.name).read_bytes() == path.read_bytes(), path.name
