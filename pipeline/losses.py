@@ -460,6 +460,7 @@ def loss_parts(
     target: Target | None,
     need_ce: bool = True,
     divergence: Divergence = FORWARD_KL,
+    loss_mask: torch.Tensor | None = None,
 ) -> LossParts:
     """Sums of the two terms of the standard recipe over ``N`` positions: ``T^2 * KL(target || student)``
     (or another ``divergence``) and cross-entropy.
@@ -472,6 +473,9 @@ def loss_parts(
         need_ce: compute the cross-entropy (at temperature 1, on the raw logits).
         divergence: the distillation loss over the buckets (``--loss``); padding slots
             (:func:`padding_slots`) get student log-probability ``-inf``, so they add 0 to every one.
+        loss_mask: ``(N,)`` bool, the positions whose target counts (chat data: the
+            assistant's tokens), or ``None`` for all. A masked position adds nothing to either
+            term, nor to its count.
 
     The loss over a batch is ``alpha * kd_sum / kd_count + (1 - alpha) * ce_sum / ce_count``.
     For a ``"sampled"`` target the KL is to ``t_hat``: its gradient, not its value, is the
@@ -480,6 +484,8 @@ def loss_parts(
     zero = student_logits.new_zeros((), dtype=torch.float32)
     logits = student_logits.float()
     kd_sum = ce_sum = zero
+    if loss_mask is not None:
+        labels = labels.masked_fill(~loss_mask, -100)
     labelled = labels != -100
     ce_count = int(labelled.sum())
     log_normalizer = None
@@ -490,7 +496,10 @@ def loss_parts(
         captured = torch.where(padding_slots(target.ids), float("-inf"), captured)
         student = torch.cat([captured, rest.unsqueeze(-1)], dim=-1)
         compared = divergence.sides(student, target.buckets())
-        kd_sum = divergence(*compared).sum() * divergence.temperature_scale(temperature)
+        per_position = divergence(*compared)
+        if loss_mask is not None:  # where, not a product: a masked position's NaN or inf stays out too
+            per_position = torch.where(loss_mask, per_position, per_position.new_zeros(()))
+        kd_sum = per_position.sum() * divergence.temperature_scale(temperature)
         if temperature == 1.0:
             log_normalizer = lse  # cross-entropy shares the one pass over the vocabulary
     if need_ce and ce_count:
@@ -499,7 +508,7 @@ def loss_parts(
         else:
             label_logits = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             ce_sum = ((log_normalizer - label_logits) * labelled).sum()
-    kd_count = 0 if target is None else student_logits.shape[0]
+    kd_count = 0 if target is None else student_logits.shape[0] if loss_mask is None else int(loss_mask.sum())
     return LossParts(kd_sum=kd_sum, ce_sum=ce_sum, kd_count=kd_count, ce_count=ce_count)
 
 

@@ -236,3 +236,25 @@ def test_losses_that_do_not_fit_the_capture_are_refused_in_one_line():
     assert "upgrade" in target_problem(CaptureSpec("future", k=1), 1.0)  # type: ignore[arg-type]
     assert evaluation_temperature(no_logprobs) == 1.5
     assert evaluation_temperature(with_logprobs) == evaluation_temperature(hybrid) == 1.0
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_masked_positions_contribute_nothing_to_any_loss_term(name, temperature):
+    from pipeline.divergences import Divergence
+    from pipeline.losses import bucket_target, loss_parts
+
+    torch.manual_seed(3)
+    student = torch.randn(12, 30, requires_grad=True)
+    teacher = torch.randn(12, 30)
+    ids, logprobs, tail = capture_topk(teacher, 5)
+    labels = torch.randint(0, 30, (12,))
+    mask = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    target = bucket_target(ids, None, logprobs, tail, temperature)
+    masked = loss_parts(student, labels, target, divergence=Divergence(name), loss_mask=mask)
+    kept = bucket_target(ids[mask], None, logprobs[mask], tail[mask], temperature)
+    subset = loss_parts(student[mask], labels[mask], kept, divergence=Divergence(name))
+    assert torch.allclose(masked.kd_sum, subset.kd_sum, atol=1e-5) and torch.allclose(masked.ce_sum, subset.ce_sum)
+    assert (masked.kd_count, masked.ce_count) == (subset.kd_count, subset.ce_count) == (7, 7)
+    (masked.kd_sum + masked.ce_sum).backward()
+    assert torch.all(student.grad[~mask] == 0) and torch.any(student.grad[mask] != 0)
