@@ -633,6 +633,19 @@ def recode(**options: Any) -> None:
 @click.option(
     "--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code (run only code you trust)."
 )
+@click.option(
+    "--capture-out",
+    default=None,
+    help="Also write a cache of the teacher's top-k distributions over each sample, in the same pass "
+    "(one row per sample, the loss mask over the response).",
+)
+@click.option("--capture-top-k", type=int, default=64, show_default=True, help="Ids per position in --capture-out.")
+@click.option(
+    "--capture-seq-len", type=int, default=None, help="Row length of --capture-out [the teacher's, at most 1024]."
+)
+@click.option(
+    "--capture-shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True, help="Tokens per shard."
+)
 @click.option("--out", required=True, help="Folder to write: generation.json and data/part-*.jsonl.")
 @click.option("--overwrite", is_flag=True, help="Replace what generate wrote in --out before.")
 @_one_line_errors

@@ -37,9 +37,13 @@ from typing import Any
 import torch
 
 from pipeline import models, paths
+from pipeline.capture import capture
+from pipeline.capture_spec import CaptureSpec
+from pipeline.config import DEFAULT_SHARD_TOKENS
 from pipeline.data import open_text_stream
 from pipeline.errors import ConfigError, DatasetError, OutputExistsError
 from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, sha256_file, tokenizer_fingerprint
+from pipeline.generate_capture import CaptureSettings, CaptureSink, capture_header, sample_row
 from pipeline.progress import progress as progress_bar
 from pipeline.sampling import draw_keys, keyed_next_tokens
 from pipeline.store import atomic, journal
@@ -75,11 +79,18 @@ class GenerateConfig:
     prompts_per_part: int = 64
     dtype: str | None = None
     device: str = "auto"
+    capture_out: str | None = None
+    capture_top_k: int = 64
+    capture_seq_len: int | None = None
+    capture_shard_tokens: int = DEFAULT_SHARD_TOKENS
     trust_remote_code: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         checks = [
+            (self.capture_top_k >= 1, "--capture-top-k must be at least 1"),
+            (self.capture_seq_len is None or self.capture_seq_len >= 2, "--capture-seq-len must be at least 2"),
+            (self.capture_shard_tokens >= 1, "--capture-shard-tokens must be at least 1"),
             (self.num_return_sequences >= 1, "--num-return-sequences must be at least 1"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
             (self.gen_temperature > 0, "--gen-temperature must be > 0 (lower it towards 0 for near-greedy text)"),
@@ -128,6 +139,34 @@ def prompt_ids(tokenizer: Any, document: str | list[dict[str, str]]) -> tuple[st
     return rendered, list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
+@dataclass
+class CapturedSteps:
+    """The teacher's top-k distributions met while generating a batch, on the host.
+
+    ``prefill``: ``(ids, logprobs, tail)`` of shapes ``(B, W, K)``, ``(B, W, K)``, ``(B, W)``
+    over the left-padded prompt positions (``W`` the longest prompt); ``steps[s]``: the
+    same of shapes ``(B, K)``, ``(B, K)``, ``(B,)`` for the logits that drew new token ``s + 1``.
+    """
+
+    prefill: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    captured = capture(logits.reshape(-1, logits.shape[-1]), CaptureSpec("topk", k=k), _no_positions(logits))
+    shape = logits.shape[:-1]
+    return (
+        captured.ids.reshape(*shape, k).cpu(),
+        captured.logprobs.reshape(*shape, k).cpu(),
+        captured.tail_logmass.reshape(shape).cpu(),
+    )
+
+
+def _no_positions(logits: torch.Tensor) -> torch.Tensor:
+    """Positions for :func:`~pipeline.capture.capture`: top-k draws nothing, so they key nothing."""
+    return torch.zeros(logits.reshape(-1, logits.shape[-1]).shape[0], dtype=torch.int64, device=logits.device)
+
+
 @torch.inference_mode()
 def generate_batch(
     model: torch.nn.Module,
@@ -136,12 +175,17 @@ def generate_batch(
     cfg: GenerateConfig,
     pad_id: int,
     eos_ids: set[int],
+    capture_k: int | None = None,
+    captured: list[CapturedSteps] | None = None,
 ) -> list[tuple[list[int], str]]:
     """Generate a continuation of each prompt; each row's new ids and why it stopped (``eos`` or ``length``).
 
     Args:
         prompts: ``B`` lists of token ids (left-padded here with ``pad_id``).
         keys_of: ``(prompt_index, sample_index)``, each ``(B,)`` int64, keying the rows' draws.
+        capture_k: also capture the teacher's top-``k`` distribution at every prompt position
+            and every generated token (temperature 1, before the sampling's temperature),
+            appended to ``captured`` as one :class:`CapturedSteps`.
     """
     device = model.get_input_embeddings().weight.device
     width = max(len(ids) for ids in prompts)
@@ -149,6 +193,9 @@ def generate_batch(
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    if capture_k is not None and captured is not None:
+        captured.append(CapturedSteps(_topk(out.logits, capture_k), steps))
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.int64)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
@@ -156,6 +203,8 @@ def generate_batch(
     for step in range(cfg.max_new_tokens):
         keys = draw_keys(prompt_index, sample_index, cfg.num_return_sequences, step, cfg.max_new_tokens)
         logits = out.logits[:, -1, :].float()
+        if capture_k is not None and step > 0:
+            steps.append(_topk(logits, capture_k))
         token = keyed_next_tokens(logits, cfg.gen_temperature, cfg.gen_top_p, cfg.seed, keys)
         token = token.masked_fill(finished, pad_id)
         generated.append(token)
@@ -208,9 +257,14 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     eos_ids = _eos_ids(tokenizer, source)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     limit = models.max_positions(config)
+    capture = None
+    if cfg.capture_out is not None:
+        capture = _capture_settings(cfg, limit)
+        limit = capture.seq_len  # prompt and response must fit one cache row
     if limit is not None and cfg.max_new_tokens >= limit:
         raise ConfigError(
             f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the teacher's {limit} positions"
+            + (" (--capture-seq-len)" if capture else "")
         )
     stream = open_text_stream(
         cfg.dataset, cfg.dataset_config, cfg.split, cfg.messages_column or cfg.text_column, messages=chat
@@ -218,7 +272,12 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     header = _header(cfg, stream.display, source, config, tokenizer, dtype, device)
+    cache_header = None
+    if capture is not None:
+        cache_header = capture_header(capture, cfg, stream.display, source, config, tokenizer, dtype, device, pad_id)
+        header["capture_cache"] = {"top_k": capture.top_k, "seq_len": capture.seq_len}
     new_folders = paths.make_output_folder(out)
+    sink = None
     try:
         with journal.CacheLock(out):
             done = _plan(out, header, cfg.overwrite)
@@ -229,9 +288,13 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
                 return GenerateSummary(
                     str(out), totals["prompts"], totals["rows"], totals["new_tokens"], 0.0, "already complete"
                 )
+            if capture is not None and cache_header is not None:
+                rows_per_shard = max(1, capture.shard_tokens // capture.seq_len)
+                sink = CaptureSink(Path(capture.out).expanduser(), cache_header, rows_per_shard, cfg.overwrite)
+                done = _restart_with_cache(done, sink)
             model = models.load_teacher(source, dtype, device, cfg.trust_remote_code)
             parts = _write_parts(
-                cfg, out, header, done, stream.documents, tokenizer, model, limit, pad_id, eos_ids, progress
+                cfg, out, header, done, stream.documents, tokenizer, model, limit, pad_id, eos_ids, progress, sink
             )
             totals = {key: sum(part[key] for part in parts) for key in TOTALS}
             if not totals["rows"]:
@@ -239,8 +302,12 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
                     f"dataset '{stream.display}' gave no prompt that fits the teacher's {limit} positions "
                     f"with --max-new-tokens {cfg.max_new_tokens}; lower it, or give shorter prompts"
                 )
+            if sink is not None:
+                sink.finish(tokenizer)  # the cache's manifest before the data is marked complete
             _write_info(out, header, parts, complete=True, totals=totals)
     except BaseException:
+        if sink is not None:
+            sink.abort()
         for folder in reversed(new_folders):
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -249,6 +316,37 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
         str(out), totals["prompts"], totals["rows"], totals["new_tokens"], time.time() - started,
         skipped_prompts=totals["skipped_prompts"],
     )  # fmt: skip
+
+
+def _capture_settings(cfg: GenerateConfig, limit: int | None) -> CaptureSettings:
+    """``--capture-out``'s settings, checked: a local folder apart from every other path; rows of
+    ``--capture-seq-len`` (default: the teacher's positions, at most 1024)."""
+    assert cfg.capture_out is not None
+    paths.reject_url(cfg.capture_out, "--capture-out")
+    for other, flag in ((cfg.out, "--out"), (cfg.dataset, "--dataset"), (cfg.teacher, "--teacher")):
+        if flag == "--out" or Path(other).expanduser().exists():
+            paths.reject_overlap(cfg.capture_out, "--capture-out", other, flag)
+    paths.check_out_folder(Path(cfg.capture_out).expanduser())
+    seq_len = cfg.capture_seq_len or min(limit or 1024, 1024)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"--capture-seq-len {seq_len} exceeds the teacher's {limit} positions; lower it")
+    return CaptureSettings(cfg.capture_out, seq_len, cfg.capture_top_k, cfg.capture_shard_tokens)
+
+
+def _restart_with_cache(done: list[dict[str, Any]], sink: CaptureSink) -> list[dict[str, Any]]:
+    """The parts to keep so that generation restarts where the capture cache needs its next row.
+
+    Parts after the one holding the cache's first missing row are written again (the same
+    text, by the keyed draws); the rows the cache has already are skipped (:meth:`CaptureSink.add`).
+    """
+    before = 0
+    for number, part in enumerate(done):
+        if before + part["rows"] > sink.rows_written:
+            sink.next_row = before
+            return done[:number]
+        before += part["rows"]
+    sink.next_row = before
+    return done
 
 
 def _eos_ids(tokenizer: Any, source: models.Source) -> set[int]:
@@ -357,8 +455,12 @@ def _write_parts(
     pad_id: int,
     eos_ids: set[int],
     progress: bool,
+    sink: CaptureSink | None = None,
 ) -> list[dict[str, Any]]:
-    """One part at a time: its prompts' rows in batches of ``--batch-size``, written, then listed in the info."""
+    """One part at a time: its prompts' rows in batches of ``--batch-size``, written, then listed in the info.
+
+    With a ``sink`` (``--capture-out``) each row also goes to the capture cache, in order.
+    """
     data = out / DATA_DIR
     data.mkdir(exist_ok=True)
     parts = list(done)
@@ -385,10 +487,16 @@ def _write_parts(
         for start in range(0, len(rows), cfg.batch_size):
             batch = rows[start : start + cfg.batch_size]
             keys = (torch.tensor([p.index for p, _ in batch]), torch.tensor([s for _, s in batch]))
-            results = generate_batch(model, [p.ids for p, _ in batch], keys, cfg, pad_id, eos_ids)
-            for (prompt, sample), (new_ids, reason) in zip(batch, results, strict=True):
+            captured: list[CapturedSteps] = []
+            capture_k = None if sink is None else sink.spec.k
+            results = generate_batch(model, [p.ids for p, _ in batch], keys, cfg, pad_id, eos_ids, capture_k, captured)
+            width = max(len(p.ids) for p, _ in batch)
+            for number_in_batch, ((prompt, sample), (new_ids, reason)) in enumerate(zip(batch, results, strict=True)):
                 lines.append(json.dumps(_row(cfg, tokenizer, prompt, sample, new_ids, reason), ensure_ascii=False))
                 new_tokens += len(new_ids)
+                if sink is not None:
+                    row = sample_row(prompt.ids, new_ids, captured[0], number_in_batch, width, sink.seq_len, pad_id)
+                    sink.add(row, prompt.index, sample)
             bar.update(len(batch))
         name = f"part-{number:05d}.jsonl"
         atomic.write_bytes_atomic(data / name, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))

@@ -166,6 +166,77 @@ def test_other_settings_on_an_output_are_refused_and_overwrite_replaces_it(refer
     assert parts(out) != parts(reference)
     (tmp_path / "stranger").mkdir()
     (tmp_path / "stranger" / "notes.txt").write_text("mine")
-    refused = generate(teacher_dir, prompts, tmp_path / "stranger", "--overwrite")
+    refused = generate(teacher_dir, prompts, tmp_path / "stranger", *SETTINGS, "--overwrite")
     assert refused.exit_code == 1 and "did not write" in refused.output
     assert (tmp_path / "stranger" / "notes.txt").read_text() == "mine"
+
+
+CAPTURE = ("--capture-top-k", "5", "--capture-seq-len", "40", "--capture-shard-tokens", "120")
+
+
+def cache_rows(cache: Path):
+    from pipeline.store import reader
+
+    manifest = reader.read_manifest(cache)
+    return [
+        (cells, reader.decode_checked_row(cells, manifest, entry.name))
+        for entry in manifest.shards
+        for _, cells in reader.iter_shard_frames(cache, entry, manifest)
+    ]
+
+
+@pytest.fixture(scope="module")
+def captured(teacher_dir, prompts, tmp_path_factory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("captured")
+    out, cache = work / "out", work / "cache"
+    result = generate(teacher_dir, prompts, out, *SETTINGS, *LAYOUT, "--capture-out", str(cache), *CAPTURE)
+    assert result.exit_code == 0, result.output
+    return out, cache
+
+
+def test_the_capture_cache_holds_the_teachers_distributions_over_each_sample(captured, reference, teacher_dir):
+    out, cache = captured
+    assert parts(out) == parts(reference)  # capturing changes nothing in the generated text
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    written, stored = rows(out), cache_rows(cache)
+    assert len(stored) == len(written) == 12
+    for sample, (cells, row) in zip(written, stored, strict=True):
+        assert (cells["source_record"], cells["record_offset"]) == (sample["prompt_index"], sample["sample_index"])
+        prompt = tokenizer(sample["prompt"])["input_ids"]
+        length, count = len(prompt), sample["response_tokens"]
+        assert row.input_ids[:length].tolist() == prompt
+        assert row.loss_mask.sum() == count and row.loss_mask[length - 1 : length + count - 1].all()
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(row.input_ids[None, : length + count])).logits[0]
+        reference_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for position in range(length + count - 1):
+            ids = torch.from_numpy(row.ids[position])
+            # The stored ids are the teacher's top 5 (up to near-ties between the cached and full forward).
+            assert reference_logprobs[position][ids].min() >= reference_logprobs[position].topk(5).values[-1] - 1e-3
+            stored_root = torch.from_numpy(row.logprobs[position]).exp().sqrt()
+            # The codec's default sqrt mode keeps each probability's square root within 1/256.
+            assert torch.allclose(stored_root, reference_logprobs[position][ids].exp().sqrt(), atol=1 / 256 + 1e-4)
+
+
+@pytest.mark.parametrize("point", ["generate-part:2", "shard-after-rename:1"])
+def test_a_killed_capturing_generate_resumes_both_outputs_to_the_same_bytes(
+    captured, teacher_dir, prompts, tmp_path, point
+):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--teacher", str(teacher_dir), "--dataset", str(prompts), "--out", str(out), *SETTINGS, *LAYOUT]
+    args += ["--capture-out", str(cache), *CAPTURE]
+    child = subprocess.run(
+        [sys.executable, "-m", "pipeline", "-q", "generate", *args],
+        env={**os.environ, CRASH_ENV: point},
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    result = run_cli("generate", *args)
+    assert result.exit_code == 0, result.output
+    assert parts(out) == parts(captured[0])
+    for path in [*sorted(captured[1].glob("shard-*.arrow")), captured[1] / "manifest.json"]:
+        assert (cache / path.name).read_bytes() == path.read_bytes(), path.name
