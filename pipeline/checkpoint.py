@@ -2,7 +2,10 @@
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` holding ``model.safetensors``,
 ``optimizer.safetensors`` (every optimizer state tensor and the RNG states) and
-``state.json`` (step, data position, optimizer hyper-parameters, the run's config).
+``state.json`` (step, data position, the number of processes that wrote it, optimizer
+hyper-parameters, the run's config). A sharded (``--fsdp``) student is gathered to full
+tensors first, so every checkpoint has the single-process layout and resumes at any
+number of processes that keeps the data order (:func:`check_world_size`).
 ``checkpoints/latest.json`` names the newest complete one; it is written after the
 folder is renamed into place, so a crash never leaves it pointing at a torn checkpoint.
 
@@ -27,6 +30,7 @@ from safetensors.torch import load_file, save_file, save_model
 from pipeline.config import TEMPERATURE_BOUNDS, StudentTrainConfig
 from pipeline.errors import CacheError, ConfigError, first_line
 from pipeline.store.atomic import fsync_dir, write_bytes_atomic
+from pipeline.student_fsdp import full_state, full_tensor, is_sharded, local_view, shard_like
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for param_id, values in state["state"].items():
         for name, value in values.items():
             tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"state.{param_id}.{name}"] = tensor.detach().cpu().contiguous()
+            tensors[f"state.{param_id}.{name}"] = full_tensor(tensor.detach()).cpu().contiguous()
     return tensors, state["param_groups"]
 
 
@@ -61,16 +65,25 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
+    write: bool = True,
 ) -> Path:
-    """Write a checkpoint for ``step`` and point ``latest.json`` at it; return its folder."""
+    """Write a checkpoint for ``step`` and point ``latest.json`` at it; return its folder.
+
+    A sharded (``--fsdp``) model and its optimizer state are gathered to full tensors first, so
+    the checkpoint is the one a single process writes; every rank calls this then (gathering is
+    a collective), and only the one told to ``write`` writes.
+    """
+    weights: Any = _Gathered(full_state(model)) if is_sharded(model) else model
+    tensors, param_groups = _optimizer_tensors(optimizer)
     root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
+    if not write:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     staging = root / f".step-{step:07d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_model(model, str(staging / MODEL_FILE))
-    tensors, param_groups = _optimizer_tensors(optimizer)
+    save_model(weights, str(staging / MODEL_FILE))
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
@@ -84,6 +97,17 @@ def save_checkpoint(
     fsync_dir(root)
     write_bytes_atomic(root / LATEST, (json.dumps({"step": step, "path": final.name}) + "\n").encode())
     return final
+
+
+class _Gathered:
+    """A model's gathered state, shaped as ``save_model`` reads a model (tied names share one tensor, so it
+    keeps one of them, as for the model itself)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._state)
 
 
 def _read_json(path: Path, limit: int, what: str) -> Any:
@@ -146,10 +170,13 @@ def load_checkpoint(
     """Restore model, optimizer and RNG state from ``folder``; ``state`` is its :func:`read_state`.
 
     Every tensor's name and shape is checked against the model and optimizer first, so a
-    checkpoint of another architecture or a damaged file is refused with one line.
+    checkpoint of another architecture or a damaged file is refused with one line. A sharded
+    (``--fsdp``) model and its optimizer take each full tensor sharded as its parameter is.
     """
     weights = _read_tensors(folder, MODEL_FILE)
     _check_weights(folder, model, weights)
+    current = model.state_dict()
+    weights = {name: shard_like(tensor, current[name]) for name, tensor in weights.items()}
     tensors = _read_tensors(folder, OPTIMIZER_FILE)
     optimizer_state = _optimizer_state(folder, optimizer, tensors)
     _check_param_groups(folder, optimizer, state["param_groups"])
@@ -341,7 +368,9 @@ def _optimizer_state(
                 f"parameter {int(param_id)} (shape {tuple(tensor.shape)}, not {tuple(shape)}); "
                 "resume with the run's --student, or start a new --out"
             )
-        state.setdefault(int(param_id), {})[name] = tensor
+        state.setdefault(int(param_id), {})[name] = (
+            tensor if name == "step" else shard_like(tensor, params[int(param_id)].detach())
+        )
     return state
 
 
@@ -387,6 +416,6 @@ def _untied(model: torch.nn.Module, missing: list[str]) -> list[str]:
     safetensors' ``save_model`` keeps one name of each group of tied tensors, so the others
     come back as missing although loading the kept one filled them.
     """
-    state = model.state_dict()
+    state = {name: local_view(tensor) for name, tensor in model.state_dict().items()}
     loaded = {state[name].data_ptr() for name in state if name not in missing}
     return [name for name in missing if state[name].data_ptr() not in loaded]

@@ -143,8 +143,12 @@ def clear_previous_run(plan: OutputPlan) -> None:
     plan.out.mkdir(parents=True, exist_ok=True)
 
 
-def save_student(plan: OutputPlan, model: torch.nn.Module, tokenizer: Any) -> list[str]:
+def save_student(
+    plan: OutputPlan, model: torch.nn.Module, tokenizer: Any, state_dict: dict[str, torch.Tensor] | None = None
+) -> list[str]:
     """Save the final model and tokenizer into ``out``; return the names of the files written.
+
+    ``state_dict``: the model's weights where the model itself holds only shards of them (``--fsdp``).
 
     They are written to a staging folder first; their names are recorded in
     ``outputs.json`` before any is moved into ``out``, so a later ``--overwrite`` deletes
@@ -157,7 +161,7 @@ def save_student(plan: OutputPlan, model: torch.nn.Module, tokenizer: Any) -> li
         staging.unlink()
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    model.save_pretrained(str(staging))
+    model.save_pretrained(str(staging), **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(str(staging))
     written = sorted(path.name for path in staging.iterdir())
     odd = [name for name in written if not (staging / name).is_file() or name in RUN_FILES + RUN_FOLDERS]

@@ -16,6 +16,7 @@ gradients and metrics are averaged across processes, and only rank 0 writes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from pipeline.progress import progress as progress_bar
 from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_previous_run, save_student
 from pipeline.store.atomic import write_bytes_atomic
 from pipeline.student_distributed import average_gradients, broadcast_parameters, mean_across_ranks, rank_order
+from pipeline.student_fsdp import ShardedStudent, full_state, shard_student
 from pipeline.student_setup import StudentRun, build_optimizer, prepare_run
 from pipeline.teachers import CaptureTeacher, TeacherSource
 from pipeline.tracking import open_sink
@@ -101,6 +103,8 @@ def run_student_train(cfg: StudentTrainConfig, progress: bool = True) -> TrainSu
     try:
         run = prepare_run(cfg, world)
         broadcast_parameters(run.model, world)
+        if cfg.fsdp:
+            run = dataclasses.replace(run, head=shard_student(run.model))
         optimizer = build_optimizer(run.model, cfg)
         state = resume_position(run, optimizer)
         world.barrier()  # every rank has checked --out and read its checkpoint before rank 0 changes it
@@ -169,7 +173,8 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
             set_learning_rate(optimizer, cfg.lr * lr_factor(state.step, run.warmup, run.total_steps))
             logging_step = is_logging_step(state.step + 1, cfg.log_every, run.total_steps)
             losses = accumulate_gradients(run, batches, state.temperature, monitor=logging_step)
-            average_gradients(run.model, run.world)
+            if not cfg.fsdp:  # FSDP reduce-scatters the gradients itself, backward by backward
+                average_gradients(run.model, run.world)
             losses = mean_across_ranks(losses, run.world)
             optimizer_step(run.model, optimizer, cfg.max_grad_norm)
             advance(state, run, losses)
@@ -186,8 +191,9 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 sink.write(record)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps and main:
-                save_checkpoint(run.plan.out, state.step, run.model, optimizer, trainer_state(run, state))
+            due = cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps
+            if due and (main or cfg.fsdp):  # under FSDP every rank gathers the shards; rank 0 writes
+                save_checkpoint(run.plan.out, state.step, run.model, optimizer, trainer_state(run, state), main)
     sink.close()
     run.model.eval()
     return state
@@ -245,7 +251,7 @@ def accumulate_gradients(
 
 
 def train_step_loss(
-    head: models.LMHead,
+    head: models.LMHead | ShardedStudent,
     batch: dict[str, torch.Tensor],
     alpha: float,
     temperature: float,
@@ -289,7 +295,8 @@ def train_step_loss(
         chunk_target = None if target is None else target.chunk(positions)
         parts = loss_parts(logits, labels[positions], chunk_target, divergence=divergence)
         loss = alpha * parts.kd_sum / kd_total + (1 - alpha) * parts.ce_sum / ce_total
-        (loss * scale).backward()
+        if loss.requires_grad:  # under --alpha 0 a chunk of unlabelled positions (a row's last) has no loss
+            (loss * scale).backward()
         kd_sum += float(parts.kd_sum.detach())
         ce_sum += float(parts.ce_sum.detach())
         if stats is not None:
@@ -381,17 +388,21 @@ def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSumma
     """Save the student, evaluate it on ``--eval-cache``, write ``training.json`` (and ``eval.json``).
 
     On several processes rank 0 does all of it (evaluation too, on the whole held-out cache) and
-    the others return at once, with no ``eval``.
+    the others return with no ``eval``; under ``--fsdp`` every rank first gathers the weights and
+    runs the evaluation's forwards with it (each a collective).
     """
-    if not run.world.is_main:
+    main, sharded = run.world.is_main, run.cfg.fsdp
+    weights = full_state(run.model) if sharded else None
+    written = save_student(run.plan, run.model, run.tokenizer, weights) if main else []
+    del weights
+    results = None
+    if run.eval_cache is not None and (main or sharded):
+        results = evaluate(run.head, run.eval_cache, run.chunk_positions, run.device, run.autocast)
+    if not main:
         seconds = time.time() - started
         return TrainSummary(
             str(run.plan.out), state.step, state.tokens, seconds, state.last["loss"], run.origin, None, run.world.rank
         )
-    written = save_student(run.plan, run.model, run.tokenizer)
-    results = None
-    if run.eval_cache is not None:
-        results = evaluate(run.head, run.eval_cache, run.chunk_positions, run.device, run.autocast)
     seconds = time.time() - started
     training = {
         "world_size": run.world.size,

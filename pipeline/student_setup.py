@@ -27,6 +27,7 @@ from pipeline.evaluate import head_chunk_positions
 from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.losses import Divergence
 from pipeline.run_folder import OutputPlan, check_output
+from pipeline.student_fsdp import ShardedStudent
 from pipeline.teachers import OneTeacher, TeacherEnsemble, TeacherSource, check_ensemble
 from pipeline.tracking import check_available
 
@@ -48,7 +49,8 @@ class StudentRun:
         teacher: where the distillation target comes from: the cache, or the ensemble of caches.
         tokenizer, tokenizer_origin: the tokenizer saved with the student, and where it came from.
         model, origin: the student, and whether it came from a config or pretrained weights.
-        head: the student split into backbone and LM head, for the chunked head.
+        head: the student split into backbone and LM head, for the chunked head (under ``--fsdp``, the
+            sharded root :class:`~pipeline.student_fsdp.ShardedStudent`, with the same two methods).
         device: where it trains.
         chunk_positions: positions per LM-head chunk.
         autocast: bf16 autocast on CUDA, else ``None``.
@@ -68,7 +70,7 @@ class StudentRun:
     tokenizer_origin: str
     model: torch.nn.Module
     origin: str
-    head: models.LMHead
+    head: models.LMHead | ShardedStudent
     device: torch.device
     chunk_positions: int
     autocast: torch.autocast | None
@@ -138,6 +140,11 @@ def check_world(cfg: StudentTrainConfig, world: World) -> None:
         raise ConfigError(
             "--fsdp shards the student across torchrun's processes, but this is a single process; launch with "
             "torchrun --nproc-per-node N (N >= 2) -m pipeline student-train ..., or drop --fsdp"
+        )
+    if world.is_distributed and cfg.device.startswith("cuda:"):
+        raise ConfigError(
+            f"--device {cfg.device} would put all {world.size} processes on one GPU; under torchrun give --device "
+            "cuda (or auto): each process takes the GPU of its local rank"
         )
     if world.is_distributed and cfg.device == "mps":
         raise ConfigError(

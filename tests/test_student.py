@@ -1,6 +1,7 @@
 """End-to-end student pass from a cache: it learns the teacher, never needs it, and refuses bad input."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -371,3 +372,16 @@ def test_a_temperature_the_sampled_cache_cannot_give_is_refused_before_anything_
         StudentTrainConfig(**settings, temperature=2.0, alpha=0.0), CaptureTeacher(capture)
     )  # cross-entropy alone
     check_capture_fits(StudentTrainConfig(**settings, temperature=1.0), CaptureTeacher(capture))
+
+
+def test_a_head_chunk_holding_only_unlabelled_positions_is_skipped_under_cross_entropy_alone():
+    from pipeline import models
+    from pipeline.student import train_step_loss
+
+    model = tiny_student(40).train()
+    input_ids = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(0))
+    # Chunks of 4 positions: the second holds only the row's last position, whose label is outside the row.
+    parts = train_step_loss(models.LMHead(model), {"input_ids": input_ids}, 0.0, 1.0, 4, 1.0, None)
+    model.zero_grad()
+    whole = train_step_loss(models.LMHead(model), {"input_ids": input_ids}, 0.0, 1.0, 5, 1.0, None)
+    assert parts["ce"] == pytest.approx(whole["ce"]) and math.isnan(parts["kd"])
