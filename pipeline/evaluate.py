@@ -89,7 +89,8 @@ def evaluate(
             hidden = head.hidden_states(batch["input_ids"])
         hidden = hidden.reshape(-1, hidden.shape[-1])
         for positions, logits in iter_chunk_logits(head, hidden, chunk_positions, autocast):
-            parts = loss_parts(logits, labels[positions], target.chunk(positions))
+            mask = batch["loss_mask"].reshape(-1)[positions] if "loss_mask" in batch else None
+            parts = loss_parts(logits, labels[positions], target.chunk(positions), loss_mask=mask)
             kd_sum += float(parts.kd_sum)
             ce_sum += float(parts.ce_sum)
             kd_count += parts.kd_count

@@ -77,7 +77,8 @@ PAD_VALUES = {"ids": 0, "logprobs": -np.inf, "counts": 0}
 
 def stack_numpy(rows: list[SparseRow]) -> dict[str, np.ndarray]:
     """Stack rows into numpy arrays: ``input_ids (B, T)``, ``ids (B, T, K)``, ``valid (B, T, K)``, and
-    ``logprobs (B, T, K)``, ``tail_logmass (B, T)``, ``counts (B, T, K)`` where every row has them.
+    ``logprobs (B, T, K)``, ``tail_logmass (B, T)``, ``counts (B, T, K)``, ``loss_mask (B, T)`` bool
+    where every row has them.
 
     Rows with fewer slots are padded to the widest row's ``K``.
     """
@@ -91,6 +92,8 @@ def stack_numpy(rows: list[SparseRow]) -> dict[str, np.ndarray]:
             values = [_pad(value, width, PAD_VALUES[name]) for value in values]
         batch[name] = np.stack(values)
     batch["valid"] = np.stack([_pad(row.valid(), width, False) for row in rows])
+    if all(row.loss_mask is not None for row in rows):
+        batch["loss_mask"] = np.stack([row.loss_mask for row in rows])
     return batch
 
 

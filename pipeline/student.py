@@ -275,6 +275,9 @@ def train_step_loss(
         stats: where to add the monitors (:func:`pipeline.monitor.add_chunk_stats`), measured
             under ``torch.no_grad`` on the same chunk logits; ``None`` skips them.
 
+    A batch with a ``loss_mask`` (chat data, generated samples) counts only the positions it
+    keeps, in both terms and in their means.
+
     The backbone runs once; the head runs chunk by chunk on a detached copy of its output,
     each chunk's loss backpropagates at once (freeing its logits), and the summed gradient
     then flows through the backbone in one backward.
@@ -288,12 +291,15 @@ def train_step_loss(
     with autocast or nullcontext():
         hidden = head.hidden_states(input_ids)
     flat = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_(True)
-    kd_total = flat.shape[0]
-    ce_total = max(1, int((labels != -100).sum()))
+    # Chat data: only the positions whose target the mask keeps count, in either term.
+    mask = batch["loss_mask"].reshape(-1) if "loss_mask" in batch else None
+    kd_total = max(1, flat.shape[0] if mask is None else int(mask.sum()))
+    ce_total = max(1, int(((labels != -100) if mask is None else (labels != -100) & mask).sum()))
     kd_sum = ce_sum = 0.0
     for positions, logits in iter_chunk_logits(head, flat, chunk_positions, autocast):
         chunk_target = None if target is None else target.chunk(positions)
-        parts = loss_parts(logits, labels[positions], chunk_target, divergence=divergence)
+        chunk_mask = None if mask is None else mask[positions]
+        parts = loss_parts(logits, labels[positions], chunk_target, divergence=divergence, loss_mask=chunk_mask)
         loss = alpha * parts.kd_sum / kd_total + (1 - alpha) * parts.ce_sum / ce_total
         if loss.requires_grad:  # under --alpha 0 a chunk of unlabelled positions (a row's last) has no loss
             (loss * scale).backward()

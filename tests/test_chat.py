@@ -147,3 +147,72 @@ def test_a_killed_chat_pass_resumes_mid_conversation_to_the_same_bytes(teacher_d
     assert run_cli("teacher-cache", *args, "--out", str(resumed)).exit_code == 0
     for path in [*sorted(whole.glob("shard-*.arrow")), whole / "manifest.json"]:
         assert (resumed / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def masked_batch(seed: int, vocab: int = 40) -> dict:
+    import torch
+
+    from pipeline.capture import capture_topk
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (2, 8), generator=generator)
+    ids, logprobs, tail = capture_topk(torch.randn(16, vocab, generator=generator) * 3, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    return {
+        "input_ids": input_ids,
+        "ids": ids.reshape(2, 8, 4),
+        "valid": torch.ones(2, 8, 4, dtype=torch.bool),
+        "logprobs": logprobs.reshape(2, 8, 4),
+        "tail_logmass": tail.reshape(2, 8),
+        "loss_mask": mask,
+    }
+
+
+def test_masked_positions_change_nothing_in_the_student_step():
+    import torch
+    from helpers import tiny_student
+
+    from pipeline.models import LMHead
+    from pipeline.student import train_step_loss
+
+    batch = masked_batch(0)
+    other = {name: value.clone() for name, value in batch.items()}
+    scrambled = masked_batch(1)  # other teacher targets, everywhere the mask is off
+    keep = batch["loss_mask"]
+    for name in ("ids", "logprobs"):
+        other[name][~keep] = scrambled[name][~keep]
+    other["tail_logmass"][~keep] = scrambled["tail_logmass"][~keep]
+    results = []
+    for values in (batch, other):
+        torch.manual_seed(0)
+        model = tiny_student()
+        losses = train_step_loss(LMHead(model), values, 0.5, 2.0, 5, 1.0, None)
+        results.append((losses, [p.grad.clone() for p in model.parameters()]))
+    (first, first_grads), (second, second_grads) = results
+    assert first == second
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads, strict=True))
+    unmasked = {name: value for name, value in other.items() if name != "loss_mask"}
+    torch.manual_seed(0)
+    assert train_step_loss(LMHead(tiny_student()), unmasked, 0.5, 2.0, 5, 1.0, None) != second
+
+
+def test_a_student_trains_on_a_chat_cache(teacher_dir, student_config_dir, tmp_path):
+    teacher = with_template(teacher_dir, tmp_path / "teacher", TEMPLATE)
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations(10, 6)))
+    cache = tmp_path / "cache"
+    result = run_cli(
+        "teacher-cache", "--teacher", str(teacher), "--dataset", str(dataset), "--out", str(cache),
+        "--chat-template", "--seq-len", "16", "--top-k", "4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run_cli(
+        "student-train", "--cache", str(cache), "--student", str(student_config_dir), "--out", str(tmp_path / "s"),
+        "--max-steps", "2", "--batch-size", "2", "--eval-cache", str(cache),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((tmp_path / "s" / "eval.json").read_text())
+    masked = sum(reader.decode_checked_row(cells, manifest, entry.name).loss_mask.sum()
+                 for manifest in [reader.read_manifest(cache)] for entry in manifest.shards
+                 for _, cells in reader.iter_shard_frames(cache, entry, manifest))  # fmt: skip
+    assert evaluated["positions"] == masked  # evaluation counts the assistant's positions alone
