@@ -342,7 +342,7 @@ def _parse_weights(value: str | None) -> tuple[float, ...] | None:
     "--fsdp",
     is_flag=True,
     help="Under torchrun, shard the student's weights, gradients and optimizer state across the processes (FSDP2), "
-    "for students too large for one device (docs/distributed-student.md).",
+    "for students too large for one device (docs/distributed.md).",
 )
 @click.option(
     "--no-verify",
