@@ -58,6 +58,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "ensemble-mean_prob": {"ensemble": "mean_prob"},
     "ensemble-mean_logprob": {"ensemble": "mean_logprob"},
     "curriculum": {"curriculum": "confidence"},
+    "features": {"feature_loss": "mse", "feature_weight": 1.0},  # layer_map: set from the budget
     "t4": {"temperature": 4.0},
     "adapt-t4": {"temperature": 4.0, "adapt_temperature": True},
 }
@@ -76,7 +77,10 @@ def second_teacher(setup: quality.Setup, work: Path, budget: quality.Budget) -> 
 def train_arm(name: str, seed: int, caches: dict[str, Path], student_dir: Path, work: Path, budget: quality.Budget):
     """One student of arm ``name`` at ``seed``, trained by the real student loop; returns the model."""
     changes = dict(ARMS[name])
-    cfg = quality.student_config(caches["a"], student_dir, work / "students" / f"{name}-seed{seed}", seed, 0.5, budget)
+    cache = caches["a-features"] if "feature_loss" in changes else caches["a"]
+    if "feature_loss" in changes:  # the students' middle and last layers to the teacher's
+        changes["layer_map"] = f"{budget.student_layers // 2}:{budget.teacher_layers // 2},-1:-1"
+    cfg = quality.student_config(cache, student_dir, work / "students" / f"{name}-seed{seed}", seed, 0.5, budget)
     if "ensemble" in changes:
         changes["ensemble_caches"] = (str(caches["b"]),)
     # Log (and so measure the KL, which --adapt-temperature acts on) about 30 times a run.
@@ -131,6 +135,12 @@ def run_benchmark(budget: quality.Budget, work: Path, arms: list[str]) -> dict[s
     for key, teacher in (("a", setup.teacher_dir), ("b", teacher_b)):
         info = quality.make_cache(TOPK, 0, teacher, setup.train_file, caches[key], budget)
         quality.log(f"  teacher {key.upper()} top-64 cache: {info['bytes_per_token']:.1f} B/token")
+    if "features" in arms:  # the same cache plus teacher A's middle and last hidden states (bf16)
+        caches["a-features"] = work / "caches" / "a-features"
+        layers = (budget.teacher_layers // 2, -1)
+        features = quality.Arm("topk-64+hidden", {"capture": "topk", "top_k": 64, "hidden_layers": layers})
+        info = quality.make_cache(features, 0, setup.teacher_dir, setup.train_file, caches["a-features"], budget)
+        quality.log(f"  teacher A top-64 + hidden layers {layers} cache: {info['bytes_per_token']:.1f} B/token")
     config = quality.llama_config(
         budget.vocab, budget.student_hidden, budget.student_layers, budget.seq_len, setup.tokenizer
     )

@@ -185,8 +185,15 @@ def data_size(work: Path, teacher: Path, dataset: Path, budget: Budget) -> dict[
         runs[size] = timed(1, teacher_args(teacher, dataset, work / f"cache-{size}x", tokens, budget))
         quality.log(f"teacher pass, {size}x ({tokens:,} tokens): {runs[size]['seconds']:.1f} s")
     base = runs[budget.sizes[0]]
+    # Least squares: seconds = start + per_token * tokens; linear when every point sits on the line.
+    tokens = [size * budget.base_tokens for size in runs]
+    seconds = [run["seconds"] for run in runs.values()]
+    mean_t, mean_s = sum(tokens) / len(tokens), sum(seconds) / len(seconds)
+    slope = sum((t - mean_t) * (s - mean_s) for t, s in zip(tokens, seconds)) / sum((t - mean_t) ** 2 for t in tokens)
+    intercept = mean_s - slope * mean_t
     return {
         "base_tokens": budget.base_tokens,
+        "fit": {"start_seconds": intercept, "seconds_per_1k_tokens": slope * 1000},
         "rows": [
             {
                 "size": size,
@@ -194,6 +201,7 @@ def data_size(work: Path, teacher: Path, dataset: Path, budget: Budget) -> dict[
                 "seconds_per_token_vs_1x": (run["seconds"] / size) / base["seconds"],
                 "peak_mib": run["peak_mib"],
                 "peak_vs_1x": run["peak_mib"] / base["peak_mib"],
+                "off_the_line": run["seconds"] / (intercept + slope * size * budget.base_tokens) - 1,
             }
             for size, run in runs.items()
         ],
@@ -213,11 +221,19 @@ def report(results: dict[str, Any]) -> str:
         f"| {student['throughput_2p_over_1p']:.2f}x |",
         f"| student pass throughput, training loop only | {student['train_throughput_2p_over_1p']:.2f}x |",
         "",
-        "| data | seconds per token vs 1x | peak memory vs 1x |",
-        "|---|---:|---:|",
+        "| data | seconds per token vs 1x | off the fitted line | peak memory vs 1x |",
+        "|---|---:|---:|---:|",
     ]
     for row in results["data_size"]["rows"]:
-        lines.append(f"| {row['size']}x | {row['seconds_per_token_vs_1x']:.2f} | {row['peak_vs_1x']:.2f} |")
+        lines.append(
+            f"| {row['size']}x | {row['seconds_per_token_vs_1x']:.2f} | {row['off_the_line']:+.1%} "
+            f"| {row['peak_vs_1x']:.2f} |"
+        )
+    fit = results["data_size"]["fit"]
+    lines.append(
+        f"\nfitted: {fit['start_seconds']:.1f} s of start (imports, load) + {fit['seconds_per_1k_tokens']:.2f} s "
+        "per 1,000 tokens"
+    )
     return "\n".join(lines)
 
 

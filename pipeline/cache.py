@@ -19,6 +19,7 @@ Position ``t`` holds the teacher's distribution over token ``t + 1``.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,7 @@ from pipeline.rows import SparseRow, stack_numpy
 from pipeline.store.reader import (
     ShardRows,
     decode_checked_row,
+    decode_hidden,
     iter_shard_frames,
     iter_shard_rows,
     read_manifest,
@@ -62,6 +64,7 @@ class Cache:
         self.source = str(path)
         self.path = remote.local_copy(str(path)) if remote.is_remote(path) else Path(path)
         self.verify = verify
+        self.with_hidden = False  # also read the teacher's hidden states (feature distillation)
         self.manifest: Manifest = read_manifest(self.path)
         self._checked: set[str] = set()  # shards whose hash rows_at or row_stats has checked
         problems = tokenizer_file_problems(self.path, self.manifest) if verify else []
@@ -110,7 +113,14 @@ class Cache:
         first); each shard's hash is checked the first time it is opened, when ``verify``.
         """
         for shard_name, cells in self.frames_at(seq_indices, open_shards):
-            yield decode_checked_row(cells, self.manifest, shard_name)
+            yield self.decode(cells, shard_name)
+
+    def decode(self, cells: dict[str, bytes | int], shard_name: str) -> SparseRow:
+        """One row's cells decoded and checked, with its hidden states when :attr:`with_hidden`."""
+        row = decode_checked_row(cells, self.manifest, shard_name)
+        if self.with_hidden:
+            row = dataclasses.replace(row, hidden=decode_hidden(cells, self.manifest))
+        return row
 
     def frames_at(
         self, seq_indices: Iterable[int], open_shards: int = 8
@@ -126,7 +136,8 @@ class Cache:
                 entry = self.manifest.shards[shard_index]
                 shard = opened.pop(shard_index, None)
                 if shard is None:
-                    shard = ShardRows(self.path, entry, self.manifest, self.verify and entry.name not in self._checked)
+                    verify = self.verify and entry.name not in self._checked
+                    shard = ShardRows(self.path, entry, self.manifest, verify, self.with_hidden)
                     self._checked.add(entry.name)
                     if len(opened) >= open_shards:
                         opened.popitem(last=False)[1].close()
@@ -139,7 +150,10 @@ class Cache:
     def shard_frames(self, shard_index: int) -> list[dict[str, bytes | int]]:
         """The encoded frames of every row of one shard, in order (the shard checked first when ``verify``)."""
         entry = self.manifest.shards[shard_index]
-        return [frames for _, frames in iter_shard_frames(self.path, entry, self.manifest, verify=self.verify)]
+        return [
+            frames
+            for _, frames in iter_shard_frames(self.path, entry, self.manifest, self.verify, hidden=self.with_hidden)
+        ]
 
     def shard_rows(self, entry: ShardEntry) -> Iterator[tuple[int, SparseRow]]:
         """``(seq_index, row)`` pairs of one shard."""
@@ -178,7 +192,7 @@ def aligned_shuffled_rows(
         frames = [cache.shard_frames(int(shard_index)) for cache in caches]
         for row_index in row_order[to_skip:]:
             rows = tuple(
-                decode_checked_row(shard[int(row_index)], cache.manifest, cache.manifest.shards[int(shard_index)].name)
+                cache.decode(shard[int(row_index)], cache.manifest.shards[int(shard_index)].name)
                 for cache, shard in zip(caches, frames)
             )
             for cache, row in zip(caches[1:], rows[1:]):

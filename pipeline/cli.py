@@ -339,6 +339,23 @@ def _parse_weights(value: str | None) -> tuple[float, ...] | None:
 @click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
 @click.option("--head-chunk", type=int, default=0, help="Positions per LM-head chunk [about 128 MiB of logits].")
 @click.option(
+    "--feature-loss",
+    type=click.Choice(["mse", "cosine"]),
+    default=None,
+    help="Also match hidden states stored in the cache (teacher-cache --hidden-layers) through learned projectors.",
+)
+@click.option("--layer-map", default=None, help="STUDENT:TEACHER layer pairs for --feature-loss, e.g. 2:8,-1:-1.")
+@click.option("--feature-weight", type=float, default=1.0, show_default=True, help="Weight of the feature loss.")
+@click.option(
+    "--data-workers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Processes that read, decode and batch the rows ahead of the loop (0: in the training process); "
+    "the batches are the same whatever the number.",
+)
+@click.option("--prefetch", type=int, default=2, show_default=True, help="Batches each data worker keeps ready.")
+@click.option(
     "--fsdp",
     is_flag=True,
     help="Under torchrun, shard the student's weights, gradients and optimizer state across the processes (FSDP2), "

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pipeline.capture_spec import STRATEGIES, CaptureSpec
 from pipeline.codec_v2 import CodecSettings, default_mode
 from pipeline.errors import ConfigError
+from pipeline.features import parse_layer_map
 
 DEFAULT_TOP_K = 64
 DEFAULT_TOP_P = 0.99
@@ -158,6 +159,8 @@ class StudentTrainConfig:
     # do not change what is learned.
     RESUME_MAY_CHANGE = (
         "fsdp",
+        "data_workers",
+        "prefetch",
         "max_steps",
         "epochs",
         "save_every",
@@ -209,6 +212,11 @@ class StudentTrainConfig:
     log_every: int = 10
     head_chunk: int = 0
     fsdp: bool = False
+    feature_loss: Literal["mse", "cosine"] | None = None
+    layer_map: str | None = None
+    feature_weight: float = 1.0
+    data_workers: int = 0
+    prefetch: int = 2
     verify: bool = True
     trust_remote_code: bool = False
     overwrite: bool = False
@@ -235,6 +243,18 @@ class StudentTrainConfig:
             raise ConfigError(f"--beta {self.beta} must lie in [0, 1] (0 is forward_kl, 1 is reverse_kl)")
         if not 0.0 <= self.skew < 1.0:
             raise ConfigError(f"--skew {self.skew} must lie in [0, 1) (at 1 the loss is identically 0)")
+        if (self.feature_loss is None) != (self.layer_map is None):
+            raise ConfigError("--feature-loss and --layer-map go together: name the loss and the layers it matches")
+        if self.feature_loss is not None:
+            if self.feature_loss not in ("mse", "cosine"):
+                raise ConfigError(f"--feature-loss {self.feature_loss!r} is not one of mse, cosine")
+            parse_layer_map(self.layer_map or "")
+            if not self.feature_weight >= 0:
+                raise ConfigError(f"--feature-weight {self.feature_weight} must be at least 0")
+            if self.fsdp or self.ensemble_caches:
+                raise ConfigError("--feature-loss works with one --cache and without --fsdp; drop one of them")
+        if self.data_workers < 0 or self.prefetch < 1:
+            raise ConfigError("--data-workers must be at least 0 and --prefetch at least 1")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("--batch-size and --grad-accum must be at least 1")
         if not self.lr > 0:

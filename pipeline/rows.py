@@ -94,6 +94,9 @@ def stack_numpy(rows: list[SparseRow]) -> dict[str, np.ndarray]:
     batch["valid"] = np.stack([_pad(row.valid(), width, False) for row in rows])
     if all(row.loss_mask is not None for row in rows):
         batch["loss_mask"] = np.stack([row.loss_mask for row in rows])
+    if all(row.hidden for row in rows):
+        for layer in rows[0].hidden:  # type: ignore[union-attr]
+            batch[f"hidden_{layer}"] = np.stack([row.hidden[layer] for row in rows])  # type: ignore[index]
     return batch
 
 

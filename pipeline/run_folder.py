@@ -144,11 +144,16 @@ def clear_previous_run(plan: OutputPlan) -> None:
 
 
 def save_student(
-    plan: OutputPlan, model: torch.nn.Module, tokenizer: Any, state_dict: dict[str, torch.Tensor] | None = None
+    plan: OutputPlan,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> list[str]:
     """Save the final model and tokenizer into ``out``; return the names of the files written.
 
     ``state_dict``: the model's weights where the model itself holds only shards of them (``--fsdp``).
+    ``extra_files``: files written beside them (name -> bytes), e.g. the feature projectors.
 
     They are written to a staging folder first; their names are recorded in
     ``outputs.json`` before any is moved into ``out``, so a later ``--overwrite`` deletes
@@ -163,6 +168,8 @@ def save_student(
     staging.mkdir()
     model.save_pretrained(str(staging), **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(str(staging))
+    for name, payload in (extra_files or {}).items():
+        (staging / name).write_bytes(payload)
     written = sorted(path.name for path in staging.iterdir())
     odd = [name for name in written if not (staging / name).is_file() or name in RUN_FILES + RUN_FOLDERS]
     if odd or not all(is_plain_file_name(name) for name in written):

@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_save
 
-from pipeline import models
+from pipeline import loader, models
 from pipeline.capture_spec import CaptureSpec
 from pipeline.checkpoint import restore_checkpoint, save_checkpoint
 from pipeline.config import StudentTrainConfig
 from pipeline.distributed import current_world, leave
 from pipeline.evaluate import evaluate, iter_chunk_logits
+from pipeline.features import feature_loss
 from pipeline.losses import FORWARD_KL, Divergence, loss_parts, next_token_labels
 from pipeline.monitor import (
     MONITOR_FIELDS,
@@ -48,7 +50,7 @@ from pipeline.run_folder import EVAL_NAME, METRICS_NAME, TRAINING_NAME, clear_pr
 from pipeline.store.atomic import write_bytes_atomic
 from pipeline.student_distributed import average_gradients, broadcast_parameters, mean_across_ranks, rank_order
 from pipeline.student_fsdp import ShardedStudent, full_state, shard_student
-from pipeline.student_setup import StudentRun, build_optimizer, prepare_run
+from pipeline.student_setup import PROJECTORS_ATTRIBUTE, FeatureMatching, StudentRun, build_optimizer, prepare_run
 from pipeline.teachers import CaptureTeacher, TeacherSource
 from pipeline.tracking import open_sink
 
@@ -161,7 +163,9 @@ def train(run: StudentRun, optimizer: torch.optim.Optimizer, state: TrainState, 
     """
     cfg = run.cfg
     order = rank_order(run.order, run.cache.manifest, cfg.seed, cfg.batch_size, run.world)
-    batches = run.teacher.batches(cfg.seed, state.rows_seen, cfg.batch_size, run.device, order)
+    batches = loader.batches(
+        run.teacher, cfg.seed, state.rows_seen, cfg.batch_size, run.device, order, cfg.data_workers, cfg.prefetch
+    )
     run.model.train()
     main = run.world.is_main
     bar = progress_bar(run.total_steps, "student pass", "step", state.step, enabled=progress)
@@ -230,7 +234,7 @@ def accumulate_gradients(
     (``kl_t1``, ``kl_t``, entropies, ``top1_agreement``), averaged over every position of the step.
     """
     cfg = run.cfg
-    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"feature": 0.0} if run.features else {})}
     stats = MonitorSums() if monitor else None
     for _ in range(cfg.grad_accum):
         parts = train_step_loss(
@@ -244,6 +248,7 @@ def accumulate_gradients(
             run.teacher,
             Divergence(cfg.loss, cfg.beta, cfg.skew, cfg.renormalize),
             stats,
+            run.features,
         )
         for key in sums:
             sums[key] += parts[key] / cfg.grad_accum
@@ -261,6 +266,7 @@ def train_step_loss(
     teacher: TeacherSource | CaptureSpec = TOPK_CAPTURE,
     divergence: Divergence = FORWARD_KL,
     stats: MonitorSums | None = None,
+    features: FeatureMatching | None = None,
 ) -> dict[str, float]:
     """Forward and backward of one micro-batch; gradients accumulate, scaled by ``scale``.
 
@@ -274,6 +280,9 @@ def train_step_loss(
         divergence: the distillation loss (``--loss``).
         stats: where to add the monitors (:func:`pipeline.monitor.add_chunk_stats`), measured
             under ``torch.no_grad`` on the same chunk logits; ``None`` skips them.
+        features: ``--feature-loss``: the student's states of each mapped layer, through its
+            projector, against the batch's cached teacher states (``hidden_<layer>``, ``(B, T, D)``);
+            ``weight`` times their mean loss joins the step's loss (and its backward).
 
     A batch with a ``loss_mask`` (chat data, generated samples) counts only the positions it
     keeps, in both terms and in their means.
@@ -289,7 +298,10 @@ def train_step_loss(
     target = teacher.target(batch, temperature) if alpha > 0 else None
     target_t1, target_t = monitor_targets(batch, teacher, temperature, target) if stats is not None else (None, None)
     with autocast or nullcontext():
-        hidden = head.hidden_states(input_ids)
+        if features is None:
+            hidden, states = head.hidden_states(input_ids), {}
+        else:
+            hidden, states = head.hidden_states_of(input_ids, tuple(pair.student for pair in features.pairs))
     flat = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_(True)
     # Chat data: only the positions whose target the mask keeps count, in either term.
     mask = batch["loss_mask"].reshape(-1) if "loss_mask" in batch else None
@@ -310,10 +322,25 @@ def train_step_loss(
             chunk_t = chunk_t1 if target_t is target_t1 else None if target_t is None else target_t.chunk(positions)
             add_chunk_stats(stats, logits, chunk_t1, chunk_t, temperature)
         del logits, parts, loss  # free this chunk's (N, V) logits before the next chunk
-    hidden.backward(flat.grad.reshape(hidden.shape))
+    feature = None
+    if features is not None:
+        mask = batch.get("loss_mask")
+        feature = sum(
+            feature_loss(features.projectors(number, states[pair.student]), batch[f"hidden_{pair.teacher}"],
+                         features.loss, mask)
+            for number, pair in enumerate(features.pairs)
+        ) / len(features.pairs)  # fmt: skip
+        # One backward through the backbone: the head's summed gradient and the feature loss's.
+        torch.autograd.backward([hidden, feature * features.weight * scale], [flat.grad.reshape(hidden.shape), None])
+    else:
+        hidden.backward(flat.grad.reshape(hidden.shape))
     kd = kd_sum / kd_total if target is not None else float("nan")
     ce = ce_sum / ce_total
-    return {"loss": (alpha * kd if target is not None else 0.0) + (1 - alpha) * ce, "kd": kd, "ce": ce}
+    loss = (alpha * kd if target is not None else 0.0) + (1 - alpha) * ce
+    if feature is None:
+        return {"loss": loss, "kd": kd, "ce": ce}
+    value = float(feature.detach())
+    return {"loss": loss + features.weight * value, "kd": kd, "ce": ce, "feature": value}
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> None:
@@ -359,6 +386,7 @@ def metrics_record(state: TrainState, run: StudentRun, optimizer: torch.optim.Op
         "loss": state.last["loss"],
         "kd": None if math.isnan(kd) else kd,
         "ce": state.last["ce"],
+        **({"feature": state.last["feature"]} if "feature" in state.last else {}),
         "temperature": state.temperature,
         **({} if run.order is None else {"curriculum_pool": run.order.pool_size(state.step - 1) / len(run.cache)}),
         **{name: value for name, value in state.last.items() if name in MONITOR_FIELDS},
@@ -390,6 +418,15 @@ def start_recipe(run: StudentRun) -> dict[str, Any]:
     return {"kind": "config", "student": cfg.student, "student_config": list(cfg.student_config), "seed": cfg.seed}
 
 
+PROJECTORS_FILE = "projectors.safetensors"
+
+
+def projector_metadata(features: FeatureMatching) -> dict[str, str]:
+    """What the projectors file says about itself: the layer pairs (``maps.N`` is pair ``N``) and the loss."""
+    pairs = ",".join(f"{pair.student}:{pair.teacher}" for pair in features.pairs)
+    return {"layer_map": pairs, "feature_loss": features.loss, "maps": "maps.N.weight: (teacher dim, student width)"}
+
+
 def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSummary:
     """Save the student, evaluate it on ``--eval-cache``, write ``training.json`` (and ``eval.json``).
 
@@ -399,7 +436,18 @@ def finish_run(run: StudentRun, state: TrainState, started: float) -> TrainSumma
     """
     main, sharded = run.world.is_main, run.cfg.fsdp
     weights = full_state(run.model) if sharded else None
-    written = save_student(run.plan, run.model, run.tokenizer, weights) if main else []
+    extra = None
+    if run.features is not None:  # trained with the student, saved beside it, never part of it
+        delattr(run.model, PROJECTORS_ATTRIBUTE)
+        tensors = {
+            name: value.detach().cpu().contiguous() for name, value in run.features.projectors.state_dict().items()
+        }
+        extra = {PROJECTORS_FILE: safetensors_save(tensors, metadata=projector_metadata(run.features))}
+    try:
+        written = save_student(run.plan, run.model, run.tokenizer, weights, extra) if main else []
+    finally:
+        if run.features is not None:
+            run.model.add_module(PROJECTORS_ATTRIBUTE, run.features.projectors)
     del weights
     results = None
     if run.eval_cache is not None and (main or sharded):

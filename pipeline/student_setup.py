@@ -24,6 +24,7 @@ from pipeline.curriculum import CurriculumOrder, Pacing, confidence_ranking
 from pipeline.distributed import World
 from pipeline.errors import ConfigError, TokenizerMismatchError, first_line
 from pipeline.evaluate import head_chunk_positions
+from pipeline.features import FeatureLossName, LayerPair, Projectors, parse_layer_map, resolve_pairs
 from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.losses import Divergence
 from pipeline.run_folder import OutputPlan, check_output
@@ -57,6 +58,8 @@ class StudentRun:
         total_steps, warmup: the learning-rate schedule's length and warm-up.
         order: the rows each global micro-batch reads under ``--curriculum``, else ``None`` (shuffled epochs).
         world: this process's place in a torchrun launch (``World()`` for a single process).
+        features: ``--feature-loss``'s layer pairs, projectors (attached to the model as
+            ``distill_projectors``, so they train, checkpoint and average with it) and loss.
         manifest_sha256: the training caches' identity (:meth:`~pipeline.teachers.TeacherSource.identity`),
             recorded in checkpoints.
     """
@@ -79,6 +82,7 @@ class StudentRun:
     manifest_sha256: str
     order: CurriculumOrder | None = None
     world: World = SINGLE_PROCESS
+    features: FeatureMatching | None = None
 
     @property
     def rows_per_step(self) -> int:
@@ -110,6 +114,7 @@ def prepare_run(cfg: StudentTrainConfig, world: World = SINGLE_PROCESS) -> Stude
         device,
         tokenizer_origin,
     )
+    features = feature_matching(cfg, cache, model, device) if cfg.feature_loss else None
     total_steps = planned_steps(cfg, len(cache), world.size)
     order = curriculum_order(cfg, teacher, total_steps, world.size) if cfg.curriculum else None
     return StudentRun(
@@ -131,7 +136,50 @@ def prepare_run(cfg: StudentTrainConfig, world: World = SINGLE_PROCESS) -> Stude
         manifest_sha256=teacher.identity(),
         order=order,
         world=world,
+        features=features,
     )
+
+
+@dataclass(frozen=True)
+class FeatureMatching:
+    """What ``--feature-loss`` matches: layer pairs, their projectors, the loss and its weight."""
+
+    pairs: tuple[LayerPair, ...]
+    projectors: Projectors
+    loss: FeatureLossName
+    weight: float
+
+
+PROJECTORS_ATTRIBUTE = "distill_projectors"
+
+
+def feature_matching(
+    cfg: StudentTrainConfig, cache: Cache, model: torch.nn.Module, device: torch.device
+) -> FeatureMatching:
+    """Check ``--layer-map`` against the cache's stored layers and the student; build the projectors.
+
+    The cache then also reads its hidden states (:attr:`~pipeline.cache.Cache.with_hidden`).
+    """
+    stored = cache.manifest.hidden
+    if stored is None:
+        raise ConfigError(
+            f"--feature-loss needs hidden states in the cache, and '{cache.path}' stores none; "
+            "write it with teacher-cache --hidden-layers"
+        )
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    pairs = resolve_pairs(parse_layer_map(cfg.layer_map or ""), text.num_hidden_layers, stored.blocks, stored.layers)
+    projectors = Projectors(pairs, text.hidden_size, stored.dim, cfg.seed).to(device)
+    model.add_module(PROJECTORS_ATTRIBUTE, projectors)
+    cache.with_hidden = True
+    log.info(
+        "feature distillation (%s, weight %g): student layer(s) %s to teacher layer(s) %s, %s",
+        cfg.feature_loss,
+        cfg.feature_weight,
+        ", ".join(str(pair.student) for pair in pairs),
+        ", ".join(str(pair.teacher) for pair in pairs),
+        f"projected {text.hidden_size} -> {stored.dim}" if text.hidden_size != stored.dim else "same width",
+    )
+    return FeatureMatching(pairs, projectors, cfg.feature_loss or "mse", cfg.feature_weight)
 
 
 def check_world(cfg: StudentTrainConfig, world: World) -> None:

@@ -62,6 +62,10 @@ class TeacherSource(Protocol):
         seeded shuffle of each epoch, or in ``order`` (a curriculum's, or a rank's share of the run's)."""
         ...
 
+    def batch_at(self, seq_indices: list[int], device: torch.device) -> Batch:
+        """The batch of the rows ``seq_indices``, read by random access (:mod:`pipeline.loader`'s workers)."""
+        ...
+
     def identity(self) -> str:
         """The sha256 naming the caches, recorded in checkpoints so that ``--resume`` reads the same ones."""
         ...
@@ -122,6 +126,9 @@ class OneTeacher:
         while True:
             yield stack_rows(list(itertools.islice(rows, batch_size)), device)
 
+    def batch_at(self, seq_indices: list[int], device: torch.device) -> Batch:
+        return stack_rows(list(self.cache.rows_at(seq_indices)), device)
+
     def identity(self) -> str:
         return manifest_sha256(self.cache)
 
@@ -175,9 +182,14 @@ class TeacherEnsemble:
                 lambda epoch, skip: aligned_shuffled_rows(caches, seed, epoch, start=skip), len(caches[0]), start
             )
         while True:
-            taken = list(itertools.islice(rows, batch_size))
-            members = [stack_rows([row[index] for row in taken], device) for index in range(len(caches))]
-            yield {"input_ids": members[0]["input_ids"], "members": members}
+            yield self._stacked(list(itertools.islice(rows, batch_size)), device)
+
+    def batch_at(self, seq_indices: list[int], device: torch.device) -> Batch:
+        return self._stacked(list(aligned_rows_at(list(self.caches), seq_indices)), device)
+
+    def _stacked(self, taken: list[tuple[SparseRow, ...]], device: torch.device) -> Batch:
+        members = [stack_rows([row[index] for row in taken], device) for index in range(len(self.members))]
+        return {"input_ids": members[0]["input_ids"], "members": members}
 
     def identity(self) -> str:
         joined = ",".join(f"{manifest_sha256(cache)}*{weight!r}" for cache, weight in zip(self.caches, self.weights))

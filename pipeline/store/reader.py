@@ -198,7 +198,10 @@ class ShardRows:
     (rows of one batch are often read together).
     """
 
-    def __init__(self, cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool) -> None:
+    def __init__(
+        self, cache_dir: Path, entry: ShardEntry, manifest: Manifest, verify: bool, hidden: bool = False
+    ) -> None:
+        self.hidden = hidden
         self.entry, self.manifest = entry, manifest
         self._stack = ExitStack()
         self._reader = self._stack.enter_context(open_shard(cache_dir, entry, manifest, verify))
@@ -223,7 +226,7 @@ class ShardRows:
                     f"shard '{self.entry.name}' is not a readable Arrow file ({first_line(exc, 120)}); "
                     "the shard is damaged"
                 ) from exc
-            self._batch = (batch_index, batch_cells(batch, self.manifest))
+            self._batch = (batch_index, batch_cells(batch, self.manifest, self.hidden))
         return self._batch[1][row - int(self._starts[batch_index])]
 
     def close(self) -> None:
