@@ -73,6 +73,12 @@ def main(verbose: bool, quiet: bool) -> None:
 )
 @click.option("--messages-column", default="messages", show_default=True, help="Column of chat messages.")
 @click.option(
+    "--document-attention",
+    is_flag=True,
+    help="Keep attention within each document of a packed row (positions restart per document); the cache "
+    "records the boundaries and the student pass keeps to them too.",
+)
+@click.option(
     "--hidden-layers",
     default=None,
     callback=lambda _ctx, _param, value: _parse_layers(value),

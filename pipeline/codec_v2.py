@@ -44,6 +44,7 @@ column             stored (before shuffling)       present for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,7 @@ INT64 = "int64"
 PROVENANCE_COLUMNS = ("source_record", "record_offset")
 LOSS_MASK = "loss_mask"
 LOSS_MASK_BITS = "bits-lsb-zstd"
+DOCUMENT_STARTS = "document_starts"
 # float16 rounding can lift a log-probability of -1e-4 to a hair above 0.
 LOGPROB_SLACK = 1e-3
 # Captured ids a teacher gives no probability (logits masked to -inf) are stored at this
@@ -179,6 +181,7 @@ def columns(
     provenance: bool = True,
     row_stats: bool = False,
     loss_mask: bool = False,
+    document_starts: bool = False,
 ) -> list[dict[str, Any]]:
     """The column registry for a capture: ``{name, kind, encoding, required}`` per column, in shard order.
 
@@ -189,6 +192,8 @@ def columns(
     registry = [_column("input_ids", "tokens", SHUFFLE_U32)]
     if loss_mask:
         registry.append(_column(LOSS_MASK, LOSS_MASK, LOSS_MASK_BITS))
+    if document_starts:
+        registry.append(_column(DOCUMENT_STARTS, DOCUMENT_STARTS, LOSS_MASK_BITS))
     if spec.variable_length:
         registry.append(_column("lengths", "lengths", SHUFFLE_U32))
     registry.append(_column("ids", "ids", SORTED_IDS))
@@ -246,7 +251,10 @@ def codec_problem(codec_info: dict[str, Any], registry: list[dict[str, Any]], sp
         return "codec.zstd_level should be an integer"
     settings = CodecSettings.for_mode(mode, float(step) if step is not None else None)
     masked = any(column.get("name") == LOSS_MASK for column in registry)
-    expected = {column["name"]: column for column in columns(spec, settings, loss_mask=masked)}
+    documents = any(column.get("name") == DOCUMENT_STARTS for column in registry)
+    expected = {
+        column["name"]: column for column in columns(spec, settings, loss_mask=masked, document_starts=documents)
+    }
     for column in registry:
         known = expected.get(column["name"])
         if known is None:
@@ -320,8 +328,9 @@ def encode_row(row: SparseRow, spec: CaptureSpec, settings: CodecSettings) -> di
     ids = np.take_along_axis(row.ids.astype(np.int64), order, axis=1)[stored_valid]
     starts = _group_starts(lengths, _head_size(spec))
     frames = {"input_ids": _frame(row.input_ids, "<u4", level)}
-    if row.loss_mask is not None:
-        frames[LOSS_MASK] = _frame(np.packbits(row.loss_mask.astype(bool), bitorder="little"), "u1", level)
+    for name, bits in ((LOSS_MASK, row.loss_mask), (DOCUMENT_STARTS, row.document_starts)):
+        if bits is not None:
+            frames[name] = _frame(np.packbits(bits.astype(bool), bitorder="little"), "u1", level)
     if spec.variable_length:
         frames["lengths"] = _frame(lengths, "<u4", level)
     frames["ids"] = _encode_ids(ids, starts, level)
@@ -479,12 +488,8 @@ def decode_row(
     input_ids = decode_array(frames["input_ids"], "<u4", T).astype(np.int64)
     if input_ids.size and int(input_ids.max()) >= logit_width:
         raise CacheError(f"an input id is not below logit_width {logit_width}")
-    loss_mask = None
-    if LOSS_MASK in frames:
-        packed = decode_array(frames[LOSS_MASK], "u1", (T + 7) // 8)
-        loss_mask = np.unpackbits(packed, count=T, bitorder="little").astype(bool)
-        if T % 8 and int(packed[-1]) >> (T % 8):
-            raise CacheError("a loss_mask frame sets bits past the row's last position; the shard is corrupt")
+    loss_mask = _decode_bits(frames, LOSS_MASK, T)
+    document_starts = _decode_bits(frames, DOCUMENT_STARTS, T)
     head = _head_size(spec)
     if spec.variable_length:
         lengths = decode_array(frames["lengths"], "<u4", T).astype(np.int64)
@@ -533,8 +538,19 @@ def decode_row(
         counts=counts,
         lengths=lengths.astype(np.int32) if spec.variable_length else None,
         loss_mask=loss_mask,
+        document_starts=document_starts,
     )
     return _most_probable_first(row, keys, spec) if spec.strategy in ("topk", "topp", "hybrid") else row
+
+
+def _decode_bits(frames: dict[str, bytes], name: str, count: int) -> np.ndarray | None:
+    """A ``bits-lsb-zstd`` cell as ``(count,)`` bool, or ``None`` without the column; stray bits refused."""
+    if name not in frames:
+        return None
+    packed = decode_array(frames[name], "u1", (count + 7) // 8)
+    if count % 8 and int(packed[-1]) >> (count % 8):
+        raise CacheError(f"a {name} frame sets bits past the row's last position; the shard is corrupt")
+    return np.unpackbits(packed, count=count, bitorder="little").astype(bool)
 
 
 def _length_bounds(spec: CaptureSpec, logit_width: int) -> tuple[int, int]:
@@ -649,4 +665,4 @@ def _most_probable_first(row: SparseRow, keys: np.ndarray, spec: CaptureSpec) ->
     ids, values = row.ids.copy(), row.logprobs.copy()
     ids[:, :head] = row.ids.ravel()[flat].reshape(order.shape)
     values[:, :head] = row.logprobs.ravel()[flat].reshape(order.shape)
-    return SparseRow(row.input_ids, ids, values, row.tail_logmass, row.counts, row.lengths, loss_mask=row.loss_mask)
+    return dataclasses.replace(row, ids=ids, logprobs=values)

@@ -70,6 +70,7 @@ class TeacherCacheConfig:
     row_stats: bool = True
     chat_template: bool = False
     messages_column: str = "messages"
+    document_attention: bool = False
     hidden_layers: tuple[int, ...] = ()
     hidden_encoding: Literal["bf16", "int8"] = "bf16"
     hidden_dim: int | None = None

@@ -344,12 +344,15 @@ class PackedSequence:
         record_offset: that token's offset in the record's token ids (BOS counted).
         target_mask: ``(seq_len,)`` bool, whether the token after each position (its target)
             counts in the losses, or ``None`` when every token does (documents without a mask).
+        document_starts: ``(seq_len,)`` bool, where a document's first token lies, or ``None``
+            when not tracked (packing asked for it: attention kept within documents).
     """
 
     input_ids: np.ndarray
     source_record: int
     record_offset: int
     target_mask: np.ndarray | None = None
+    document_starts: np.ndarray | None = None
 
 
 def pack_records(
@@ -359,6 +362,7 @@ def pack_records(
     first_offset: int = 0,
     first_index: int = 0,
     masked: bool = False,
+    documents: bool = False,
 ) -> Iterator[PackedSequence]:
     """Concatenate ``(record, ids)`` documents and cut the stream into sequences of ``seq_len`` tokens.
 
@@ -367,7 +371,8 @@ def pack_records(
     of the first record (sequence ``first_index`` starting there). With ``masked``, records are
     ``(record, ids, token_mask)`` and each sequence's ``target_mask[t]`` is the mask of the token
     after position ``t``: the next sequence's first token for the last position, or ``False``
-    at the end of the stream.
+    at the end of the stream. With ``documents``, each sequence also marks where documents begin
+    (``document_starts``).
     """
     produced = first_index
     if max_sequences is not None and produced >= max_sequences:
@@ -384,7 +389,15 @@ def pack_records(
         target_mask = None
         if masked:
             target_mask = np.asarray(pending_mask[1 : seq_len + 1] + ([] if following else [False]), dtype=bool)
-        sequence = PackedSequence(np.asarray(pending[:seq_len], dtype=np.int64), first_record, first_token, target_mask)
+        document_starts = None
+        if documents:
+            document_starts = np.zeros(seq_len, dtype=bool)
+            for position, _, offset in starts:
+                if position < seq_len and offset == 0:
+                    document_starts[position] = True
+        sequence = PackedSequence(
+            np.asarray(pending[:seq_len], dtype=np.int64), first_record, first_token, target_mask, document_starts
+        )
         del pending[:seq_len], pending_mask[:seq_len]
         starts = _after_cut(starts, seq_len)
         return sequence

@@ -86,7 +86,7 @@ def evaluate(
         target = targets_from_batch(batch, capture, temperature)
         estimator = target.estimator
         with autocast or nullcontext():
-            hidden = head.hidden_states(batch["input_ids"])
+            hidden = head.hidden_states(batch["input_ids"], batch.get("document_starts"))
         hidden = hidden.reshape(-1, hidden.shape[-1])
         for positions, logits in iter_chunk_logits(head, hidden, chunk_positions, autocast):
             mask = batch["loss_mask"].reshape(-1)[positions] if "loss_mask" in batch else None

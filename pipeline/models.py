@@ -381,6 +381,37 @@ def load_student(
     return model, how
 
 
+def document_attention(document_starts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The attention mask and positions that keep each packed document to itself.
+
+    Args:
+        document_starts: ``(B, T)`` bool, ``True`` where a document begins (position 0 of a
+            row always starts a segment: a document continued from the previous row sees
+            nothing of it).
+
+    Returns:
+        ``attention_mask``: ``(B, 1, T, T)`` bool, position ``t`` attends to ``s <= t`` of its
+        own segment; ``position_ids``: ``(B, T)`` int64, counted from 0 in each segment (as if
+        the document were alone).
+    """
+    starts = document_starts.clone()
+    starts[:, 0] = True
+    segment = starts.long().cumsum(dim=1)
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    index = torch.arange(length, device=segment.device).expand_as(segment)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return {"attention_mask": mask[:, None], "position_ids": index - first}
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of a model that restricts some layers to one (Gemma, Mistral...), else ``None``."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
 class LMHead:
     """The model's backbone and LM head, run separately so logits exist a chunk at a time.
 
@@ -405,16 +436,21 @@ class LMHead:
         self.multiply = _first_number(config, MULTIPLY_FIELDS)
         self.divide = _first_number(config, DIVIDE_FIELDS)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` int64 ids -> ``(B, T, H)`` final hidden states (after the last norm)."""
-        return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    def hidden_states(self, input_ids: torch.Tensor, document_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T)`` int64 ids -> ``(B, T, H)`` final hidden states (after the last norm).
+
+        ``document_starts`` ``(B, T)`` bool: attend within each document only (:func:`document_attention`).
+        """
+        extra = {} if document_starts is None else document_attention(document_starts)
+        return self.backbone(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
 
     def hidden_states_of(
-        self, input_ids: torch.Tensor, layers: tuple[int, ...]
+        self, input_ids: torch.Tensor, layers: tuple[int, ...], document_starts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The final ``(B, T, H)`` hidden states and those of ``layers`` (indices into ``output_hidden_states``,
         0 the embeddings); the last index is the final states themselves, after the final norm."""
-        out = self.backbone(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        extra = {} if document_starts is None else document_attention(document_starts)
+        out = self.backbone(input_ids=input_ids, use_cache=False, output_hidden_states=True, **extra)
         final, every = out.last_hidden_state, out.hidden_states
         last = len(every) - 1
         return final, {layer: final if layer == last else every[layer] for layer in layers}

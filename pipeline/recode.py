@@ -273,6 +273,7 @@ def recode_header(
             provenance=provenance,
             row_stats=with_row_stats,
             loss_mask=any(column.name == codec_v2.LOSS_MASK for column in source.columns),
+            document_starts=any(column.name == codec_v2.DOCUMENT_STARTS for column in source.columns),
         )
         + (source.hidden.columns() if source.hidden is not None else []),
         recoded_from={
@@ -340,7 +341,14 @@ def truncate_row(row: SparseRow, k: int) -> SparseRow:
     tail = np.logaddexp(row.tail_logmass.astype(np.float64), dropped_mass)
     lengths = None if row.lengths is None else np.minimum(row.lengths, k).astype(np.int32)
     return SparseRow(
-        row.input_ids, row.ids[:, :k].copy(), logprobs[:, :k], tail, None, lengths, loss_mask=row.loss_mask
+        row.input_ids,
+        row.ids[:, :k].copy(),
+        logprobs[:, :k],
+        tail,
+        None,
+        lengths,
+        loss_mask=row.loss_mask,
+        document_starts=row.document_starts,
     )
 
 

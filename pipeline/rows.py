@@ -37,6 +37,8 @@ class SparseRow:
             (:mod:`pipeline.hidden`), or ``None`` when none are stored.
         loss_mask: ``(T,)`` bool, whether position ``t``'s target (token ``t + 1``) counts in
             the losses (chat data: the assistant's tokens), or ``None`` when every one does.
+        document_starts: ``(T,)`` bool, where documents begin, when attention is kept within
+            them (``teacher-cache --document-attention``), else ``None``.
     """
 
     input_ids: np.ndarray
@@ -47,6 +49,7 @@ class SparseRow:
     lengths: np.ndarray | None = None
     hidden: dict[int, np.ndarray] | None = None
     loss_mask: np.ndarray | None = None
+    document_starts: np.ndarray | None = None
 
     @property
     def topk_ids(self) -> np.ndarray:
@@ -94,6 +97,8 @@ def stack_numpy(rows: list[SparseRow]) -> dict[str, np.ndarray]:
     batch["valid"] = np.stack([_pad(row.valid(), width, False) for row in rows])
     if all(row.loss_mask is not None for row in rows):
         batch["loss_mask"] = np.stack([row.loss_mask for row in rows])
+    if all(row.document_starts is not None for row in rows):
+        batch["document_starts"] = np.stack([row.document_starts for row in rows])
     if all(row.hidden for row in rows):
         for layer in rows[0].hidden:  # type: ignore[union-attr]
             batch[f"hidden_{layer}"] = np.stack([row.hidden[layer] for row in rows])  # type: ignore[index]

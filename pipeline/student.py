@@ -298,10 +298,11 @@ def train_step_loss(
     target = teacher.target(batch, temperature) if alpha > 0 else None
     target_t1, target_t = monitor_targets(batch, teacher, temperature, target) if stats is not None else (None, None)
     with autocast or nullcontext():
+        starts = batch.get("document_starts")  # attention kept within documents, as the teacher's was
         if features is None:
-            hidden, states = head.hidden_states(input_ids), {}
+            hidden, states = head.hidden_states(input_ids, starts), {}
         else:
-            hidden, states = head.hidden_states_of(input_ids, tuple(pair.student for pair in features.pairs))
+            hidden, states = head.hidden_states_of(input_ids, tuple(pair.student for pair in features.pairs), starts)
     flat = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_(True)
     # Chat data: only the positions whose target the mask keeps count, in either term.
     mask = batch["loss_mask"].reshape(-1) if "loss_mask" in batch else None

@@ -47,12 +47,12 @@ class ShardedStudent(nn.Module):
         self.model = model
         self._parts = models.LMHead(model)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._parts.hidden_states(input_ids)
+    def forward(self, input_ids: torch.Tensor, document_starts: torch.Tensor | None = None) -> torch.Tensor:
+        return self._parts.hidden_states(input_ids, document_starts)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, document_starts: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T)`` int64 ids -> ``(B, T, H)`` final hidden states, through the root's forward hooks."""
-        return self(input_ids)
+        return self(input_ids, document_starts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(N, H)`` hidden states -> ``(N, V)`` logits (registered as a forward method of the root)."""

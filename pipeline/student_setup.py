@@ -114,6 +114,7 @@ def prepare_run(cfg: StudentTrainConfig, world: World = SINGLE_PROCESS) -> Stude
         device,
         tokenizer_origin,
     )
+    check_document_attention(cache, model)
     features = feature_matching(cfg, cache, model, device) if cfg.feature_loss else None
     total_steps = planned_steps(cfg, len(cache), world.size)
     order = curriculum_order(cfg, teacher, total_steps, world.size) if cfg.curriculum else None
@@ -138,6 +139,18 @@ def prepare_run(cfg: StudentTrainConfig, world: World = SINGLE_PROCESS) -> Stude
         world=world,
         features=features,
     )
+
+
+def check_document_attention(cache: Cache, model: torch.nn.Module) -> None:
+    """Refuse a student whose sliding-window layers a cache's per-document attention mask would override."""
+    documents = any(column.name == "document_starts" for column in cache.manifest.columns)
+    window = models.sliding_window(model.config)
+    if documents and window is not None and cache.manifest.seq_len > window:
+        raise ConfigError(
+            f"'{cache.path}' keeps attention within documents, which replaces the student's attention mask, and "
+            f"this student restricts some layers to a window of {window} positions, shorter than the cache's "
+            f"seq_len {cache.manifest.seq_len}; use a student without a sliding window, or a cache of shorter rows"
+        )
 
 
 @dataclass(frozen=True)

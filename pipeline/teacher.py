@@ -150,6 +150,7 @@ def capture_batch(
     measure: bool = True,
     layers: hidden_states.HiddenSpec | None = None,
     projection: torch.Tensor | None = None,
+    document_starts: torch.Tensor | None = None,
 ) -> tuple[list[SparseRow], list[bytes] | None]:
     """Teacher forward on ``(B, T)`` int64 ids whose first row is sequence ``first_seq``; one row per sequence,
     and each row's ``row_stats`` cell (:mod:`pipeline.row_stats`).
@@ -160,14 +161,15 @@ def capture_batch(
     made, without the host waiting for each copy (one synchronisation per batch).
     Position ``t`` of sequence ``s`` is global position ``s * T + t``, which keys the draws
     of sampled captures. With ``layers``, each row also carries those layers' hidden states,
-    multiplied by ``projection`` (``(H, D)`` float32, on the device) when given.
+    multiplied by ``projection`` (``(H, D)`` float32, on the device) when given. With
+    ``document_starts`` (``(B, T)`` bool) attention stays within each document.
     """
     batch, seq_len = input_ids.shape
     if layers is None:
-        final = head.hidden_states(input_ids)
+        final = head.hidden_states(input_ids, document_starts)
         kept: dict[int, torch.Tensor] = {}
     else:
-        final, kept = head.hidden_states_of(input_ids, layers.layers)
+        final, kept = head.hidden_states_of(input_ids, layers.layers, document_starts)
         if projection is not None:
             kept = {layer: states.float() @ projection.to(states.device) for layer, states in kept.items()}
         kept = {layer: _to_host(states.float()) for layer, states in kept.items()}
@@ -247,9 +249,9 @@ class RowEncoder:
         self.spec, self.settings, self.hidden = spec, settings, hidden
         self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
 
-    def _encode(self, row: SparseRow, target_mask: np.ndarray | None = None) -> dict[str, bytes]:
-        if target_mask is not None:
-            row = dataclasses.replace(row, loss_mask=target_mask)
+    def _encode(self, row: SparseRow, packed: PackedSequence | None = None) -> dict[str, bytes]:
+        if packed is not None:
+            row = dataclasses.replace(row, loss_mask=packed.target_mask, document_starts=packed.document_starts)
         frames = codec_v2.encode_row(row, self.spec, self.settings)
         for layer, states in (row.hidden or {}).items():
             frames[hidden_states.column_name(layer)] = hidden_states.encode(states, self.hidden, self.settings.level)
@@ -266,7 +268,7 @@ class RowEncoder:
                 packed.source_record,
                 packed.record_offset,
                 cell,
-                self.pool.submit(self._encode, row, packed.target_mask),
+                self.pool.submit(self._encode, row, packed),
             )
             for offset, (packed, row, cell) in enumerate(zip(batch, rows, cells, strict=True))
         ]
@@ -420,6 +422,12 @@ def _run_local(cfg: TeacherCacheConfig, progress: bool, world: distributed.World
     limit = models.max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} positions; lower it")
+    window = models.sliding_window(config)
+    if cfg.document_attention and window is not None and cfg.seq_len > window:
+        raise ConfigError(
+            f"--document-attention replaces the teacher's attention mask, and this teacher restricts some layers to "
+            f"a window of {window} positions that the mask would not keep; use --seq-len {window} or less"
+        )
     unembeddable = check_embeddable(tokenizer, width)
     if cfg.chat_template:
         chat.check_chat_tokenizer(tokenizer, teacher_source.display)
@@ -634,9 +642,13 @@ def _write_cache(
                     if not checked:
                         head.check_parity(input_ids[:1, : min(cfg.seq_len, 32)])
                         checked = True
+                    starts = None
+                    if cfg.document_attention:
+                        starts = torch.from_numpy(np.stack([packed.document_starts for packed in batch]))
                     rows, stats = capture_batch(
-                        head, input_ids, spec, first, chunk_positions, cfg.row_stats, layers, projection
-                    )
+                        head, input_ids, spec, first, chunk_positions, cfg.row_stats, layers, projection,
+                        None if starts is None else starts.to(input_device),
+                    )  # fmt: skip
                     # Rows encode on worker threads and are written, in order, on the writer's
                     # thread while the teacher runs the next batches.
                     background.put(encoder.encode(first, batch, rows, stats))
@@ -726,12 +738,11 @@ def resumed_stream(
     else:
         tokenized = tokenize_records(documents, tokenizer, first_record=first_record)
     records = skip_documents_with_ids_from(tokenized, skip_from_id, skipped)
+    packing = {"masked": cfg.chat_template, "documents": cfg.document_attention}
     if position is None:
-        return pack_records(records, cfg.seq_len, cfg.max_sequences, masked=cfg.chat_template), 0
+        return pack_records(records, cfg.seq_len, cfg.max_sequences, **packing), 0
     last_written = position.sequences - 1
-    sequences = pack_records(
-        records, cfg.seq_len, cfg.max_sequences, position.record_offset, last_written, masked=cfg.chat_template
-    )
+    sequences = pack_records(records, cfg.seq_len, cfg.max_sequences, position.record_offset, last_written, **packing)
     next(sequences, None)  # the last written sequence again: where the next one starts
     log.info(
         "resuming the stream at sequence %d (dataset record %d): the first %d were read back from their shards",
@@ -800,7 +811,11 @@ def cache_header(
         "codec": cfg.codec_settings().to_json(),
         "capture": capture_header(cfg.capture_spec()),
         "columns": codec_v2.columns(
-            cfg.capture_spec(), cfg.codec_settings(), row_stats=cfg.row_stats, loss_mask=cfg.chat_template
+            cfg.capture_spec(),
+            cfg.codec_settings(),
+            row_stats=cfg.row_stats,
+            loss_mask=cfg.chat_template,
+            document_starts=cfg.document_attention,
         )
         + (layers.columns() if layers else []),
         **({"hidden": layers.to_json()} if layers else {}),
@@ -820,7 +835,7 @@ def cache_header(
         "packing": {
             "bos": "as the tokenizer adds by default",
             "eos_after_document": tokenizer.eos_token_id is not None,
-            "cross_document_attention": True,
+            "cross_document_attention": not cfg.document_attention,
             "trailing_partial_sequence": "dropped",
             "txt_sample_by": cfg.txt_sample_by,
             "txt_encoding_errors": cfg.txt_encoding_errors,

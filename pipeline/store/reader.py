@@ -87,7 +87,9 @@ def read_columns(manifest: Manifest, hidden: bool = False) -> tuple[str, ...]:
     the hidden-state columns (:mod:`pipeline.hidden`), which are large and read only when asked."""
     if manifest.format_version == 1:
         return codec.PAYLOAD_COLUMNS
-    registry = codec_v2.columns(manifest.capture, codec_settings(manifest), row_stats=True, loss_mask=True)
+    registry = codec_v2.columns(
+        manifest.capture, codec_settings(manifest), row_stats=True, loss_mask=True, document_starts=True
+    )
     if hidden and manifest.hidden is not None:
         registry += manifest.hidden.columns()
     known = {(column["name"], column["encoding"]) for column in registry}
