@@ -197,7 +197,10 @@ def evaluate_source(
         tokens += input_ids.numel()
         labels = next_token_labels(input_ids).reshape(-1)
         target = teacher_target.target(batch, 1.0) if teacher_target is not None else None
-        hidden = {role: head.hidden_states(input_ids).reshape(input_ids.numel(), -1) for role, head in heads.items()}
+        starts = batch.get("document_starts")  # a cache of per-document attention: evaluate under it too
+        hidden = {
+            role: head.hidden_states(input_ids, starts).reshape(input_ids.numel(), -1) for role, head in heads.items()
+        }
         for start in range(0, labels.shape[0], chunk):
             positions = slice(start, start + chunk)
             logits = {role: _padded(heads[role].logits(hidden[role][positions]), width) for role in heads}
