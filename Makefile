@@ -65,6 +65,14 @@ MAX_TOKENS ?= $(if $(filter $(DEFAULT_CORPUS)/train.jsonl,$(DATASET)),24576,)
 EVAL_MAX_TOKENS ?= 4096
 TEACHER_BATCH ?= 4
 TEACHER_ARGS ?=
+# make generate: the teacher's responses to PROMPTS (a dataset with a text column, or
+# GENERATE_ARGS=--messages-column messages), written to SYNTHETIC/data for teacher-cache.
+PROMPTS ?= $(DATASET)
+SYNTHETIC ?= data/generated/synthetic
+NUM_RETURN ?= 1
+MAX_NEW_TOKENS ?= 128
+MAX_PROMPTS ?= 64
+GENERATE_ARGS ?=
 STUDENT ?= data/student-gemma3-tiny
 OUT ?= students/demo
 ALPHA ?= 0.5
@@ -118,7 +126,7 @@ capture_flags = $(strip --capture $(CAPTURE) \
 	$(if $(CODEC_MODE),--codec-mode $(CODEC_MODE),) $(if $(LOGPROB_STEP),--logprob-step $(LOGPROB_STEP),) \
 	$(if $(SQRT_STEP),--sqrt-step $(SQRT_STEP),))
 
-.PHONY: setup demo eval teacher-cache student-train progressive test test-all lint format bench bench-codec bench-quality clean
+.PHONY: setup demo eval generate teacher-cache student-train progressive test test-all lint format bench bench-codec bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -144,6 +152,11 @@ teacher-cache: $(VENV)/.installed $(teacher_deps) $(dataset_deps)
 	$(if $(EVAL_DATASET),$(DISTILL_RUN) teacher-cache --teacher $(TEACHER) --dataset $(EVAL_DATASET) \
 		--out $(EVAL_CACHE) $(capture_flags) --seq-len $(SEQ_LEN) --batch-size $(TEACHER_BATCH) \
 		--max-tokens $(EVAL_MAX_TOKENS) $(overwrite_flag) $(TEACHER_ARGS),)
+
+generate: $(VENV)/.installed $(teacher_deps) $(if $(findstring $(DEFAULT_CORPUS),$(PROMPTS)),$(DEFAULT_CORPUS)/train.jsonl,)
+	$(DISTILL) generate --teacher $(TEACHER) --dataset $(PROMPTS) --out $(SYNTHETIC) \
+		--num-return-sequences $(NUM_RETURN) --max-new-tokens $(MAX_NEW_TOKENS) --max-prompts $(MAX_PROMPTS) \
+		$(overwrite_flag) $(GENERATE_ARGS)
 
 student-train: $(VENV)/.installed
 	$(DISTILL_RUN) student-train $(cache_flags) --student $(STUDENT) --out $(OUT) \

@@ -240,3 +240,13 @@ def test_a_killed_capturing_generate_resumes_both_outputs_to_the_same_bytes(
     assert parts(out) == parts(captured[0])
     for path in [*sorted(captured[1].glob("shard-*.arrow")), captured[1] / "manifest.json"]:
         assert (cache / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_make_generate_passes_its_variables():
+    from helpers import make_dry_run
+
+    settings = {"TEACHER": "models/t", "PROMPTS": "p.jsonl", "SYNTHETIC": "out/s", "NUM_RETURN": "3"}
+    left_out = {"TEACHER", "PROMPTS", "SYNTHETIC", "NUM_RETURN", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    (command,), output = make_dry_run("generate", {**settings, "GENERATE_ARGS": "--seed 4"}, left_out)
+    assert command[:7] == ["generate", "--teacher", "models/t", "--dataset", "p.jsonl", "--out", "out/s"], output
+    assert command[command.index("--num-return-sequences") + 1] == "3" and command[-2:] == ["--seed", "4"]
