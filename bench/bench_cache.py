@@ -32,8 +32,9 @@ from pipeline.cache import stack_rows
 from pipeline.capture import capture_topk
 from pipeline.capture_spec import CaptureSpec
 from pipeline.losses import distillation_parts
+from pipeline.row_writer import RowEncoder
 from pipeline.student import train_step_loss
-from pipeline.teacher import HEAD_CHUNK_ELEMENTS, RowEncoder, capture_batch
+from pipeline.teacher import HEAD_CHUNK_ELEMENTS, capture_batch
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

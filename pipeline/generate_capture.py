@@ -100,7 +100,8 @@ class CaptureSink:
         self.next_row += 1
 
     def finish(self, tokenizer: Any) -> None:
-        from pipeline.teacher import _save_tokenizer, finish_manifest
+        from pipeline.manifest_header import finish_manifest
+        from pipeline.teacher import _save_tokenizer
 
         committed = self.writer.close()
         tokenizer_files = _save_tokenizer(tokenizer, self.out)
@@ -172,7 +173,7 @@ def capture_header(
     pad_id: int,
 ) -> dict[str, Any]:
     """The capture cache's header: a top-k teacher-pass header whose packing says how rows were made."""
-    from pipeline.teacher import cache_header as teacher_header
+    from pipeline.manifest_header import cache_header as teacher_header
 
     pass_cfg = TeacherCacheConfig(
         teacher=cfg.teacher,

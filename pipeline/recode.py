@@ -481,7 +481,7 @@ def _write_recode(plan: RecodePlan, src: Path, out: Path, committed: list[ShardE
     DST's shard ``i`` holds SRC's shard ``i``'s rows, so a resumed recode skips SRC's shards
     that are committed already (still reading them, to hash the token stream).
     """
-    from pipeline.teacher import finish_manifest
+    from pipeline.manifest_header import finish_manifest
 
     source, header = plan.source, plan.header
     journal.write_journal(out, header, committed)

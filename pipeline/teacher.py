@@ -21,15 +21,11 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import platform
-import queue
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import chat, codec_v2, distributed, models, paths, remote, row_stats
+from pipeline import chat, distributed, models, paths, remote, row_stats
 from pipeline import hidden as hidden_states
 from pipeline.capture import capture
-from pipeline.capture_spec import GENERATOR_NAME, CaptureSpec
+from pipeline.capture_spec import CaptureSpec
 from pipeline.config import TeacherCacheConfig
 from pipeline.data import (
     PackedSequence,
@@ -52,10 +48,12 @@ from pipeline.data import (
     tokenize_records,
 )
 from pipeline.errors import CacheError, ConfigError, DatasetError
-from pipeline.fingerprint import CURRENT_TOKENIZER_FINGERPRINT, TokenStreamHasher, sha256_file, tokenizer_fingerprint
-from pipeline.manifest import FORMAT_VERSION, Column, ShardEntry
+from pipeline.fingerprint import TokenStreamHasher, sha256_file
+from pipeline.manifest import Column, ShardEntry
+from pipeline.manifest_header import cache_header, finish_manifest, hidden_spec
 from pipeline.progress import progress as progress_bar
 from pipeline.resume import OutputPlan, plan_output
+from pipeline.row_writer import WRITE_QUEUE_BATCHES, BackgroundWriter, RowEncoder
 from pipeline.rows import SparseRow
 from pipeline.store import atomic, journal, layout, reader, writer
 
@@ -63,10 +61,6 @@ log = logging.getLogger(__name__)
 
 # Upper bound on logits held at once: positions per head chunk = this // vocab.
 HEAD_CHUNK_ELEMENTS = 1 << 27
-# Threads encoding rows while the teacher runs (the encoder measured ~150k+ tokens/s per core at top-64).
-ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
-# Batches of captured rows that may wait for the writer before the teacher waits for it.
-WRITE_QUEUE_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -213,126 +207,6 @@ def capture_batch(
             )
         )
     return rows, stats
-
-
-@dataclass(frozen=True)
-class PendingRow:
-    """A captured row on its way to the shard writer: where it goes, and its frames being encoded."""
-
-    seq_index: int
-    source_record: int
-    record_offset: int
-    stats_cell: bytes | None
-    frames: Future[dict[str, bytes]]
-
-    def cells(self) -> dict[str, bytes | int]:
-        """The row's cells, once its frames are encoded (waits for them)."""
-        cells: dict[str, bytes | int] = {**self.frames.result()}
-        cells["source_record"] = self.source_record
-        cells["record_offset"] = self.record_offset
-        if self.stats_cell is not None:
-            cells[row_stats.COLUMN] = self.stats_cell
-        return cells
-
-
-class RowEncoder:
-    """Encodes captured rows on worker threads (zstd and numpy release the GIL); the output is the
-    same whatever the number of threads."""
-
-    def __init__(
-        self,
-        spec: CaptureSpec,
-        settings: codec_v2.CodecSettings,
-        threads: int | None = None,
-        hidden: hidden_states.HiddenEncoding = "bf16",
-    ) -> None:
-        self.spec, self.settings, self.hidden = spec, settings, hidden
-        self.pool = ThreadPoolExecutor(max_workers=threads or ENCODE_THREADS, thread_name_prefix="encode")
-
-    def _encode(self, row: SparseRow, packed: PackedSequence | None = None) -> dict[str, bytes]:
-        if packed is not None:
-            row = dataclasses.replace(row, loss_mask=packed.target_mask, document_starts=packed.document_starts)
-        frames = codec_v2.encode_row(row, self.spec, self.settings)
-        for layer, states in (row.hidden or {}).items():
-            frames[hidden_states.column_name(layer)] = hidden_states.encode(states, self.hidden, self.settings.level)
-        return frames
-
-    def encode(
-        self, first_seq: int, batch: list[PackedSequence], rows: list[SparseRow], stats: list[bytes] | None
-    ) -> list[PendingRow]:
-        """Start encoding a batch (sequences ``first_seq`` on) with its ``row_stats`` cells (``None``: none)."""
-        cells = stats if stats is not None else [None] * len(rows)
-        pending = [
-            PendingRow(
-                first_seq + offset,
-                packed.source_record,
-                packed.record_offset,
-                cell,
-                self.pool.submit(self._encode, row, packed),
-            )
-            for offset, (packed, row, cell) in enumerate(zip(batch, rows, cells, strict=True))
-        ]
-        return pending
-
-    def __enter__(self) -> RowEncoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class BackgroundWriter:
-    """Writes rows to a :class:`~pipeline.store.writer.ShardWriter` on its own thread, fed by a bounded queue.
-
-    :meth:`put` returns at once unless ``max_rows`` rows are already waiting (memory stays
-    bounded); the thread waits for each row's frames and appends it in order, so the
-    teacher's next batch runs while the last one is encoded, compressed, written, fsynced and
-    hashed. A failure on the thread (a full disk) is raised by the next :meth:`put` or by
-    :meth:`close`; leaving the block by an exception stops the thread without writing the rest.
-    """
-
-    def __init__(self, shard_writer: writer.ShardWriter, tokens_per_row: int, max_rows: int) -> None:
-        self.shard_writer, self.tokens_per_row = shard_writer, tokens_per_row
-        self.queue: queue.Queue[PendingRow | None] = queue.Queue(maxsize=max(1, max_rows))
-        self.error: BaseException | None = None
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (row := self.queue.get()) is not None:
-            if self.error is not None or self.stopping:
-                continue  # drain without writing, so a blocked put returns
-            try:
-                self.shard_writer.add(row.seq_index, row.cells(), self.tokens_per_row)
-            except BaseException as exc:  # raised again on the teacher's thread
-                self.error = exc
-
-    def _raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def put(self, rows: list[PendingRow]) -> None:
-        for row in rows:
-            self._raise_error()
-            self.queue.put(row)
-
-    def close(self) -> None:
-        """Wait until every row put is written; raise the thread's error, if any."""
-        self.queue.put(None)
-        self.thread.join()
-        self._raise_error()
-
-    def __enter__(self) -> BackgroundWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        self.stopping = True
-        self.queue.put(None)
-        self.thread.join()
 
 
 def _save_tokenizer(tokenizer: Any, cache_dir: Path) -> list[dict[str, Any]]:
@@ -769,126 +643,3 @@ def all_committed(out: Path, header: dict[str, Any], sequences: int, rows_per_sh
             "they share); run the same command again to complete the cache"
         )
     return [entries[name] for name in expected]
-
-
-def _fingerprint(tokenizer: Any, teacher_source: models.Source) -> str:
-    try:
-        return tokenizer_fingerprint(tokenizer, CURRENT_TOKENIZER_FINGERPRINT)
-    except ValueError as exc:
-        raise ConfigError(
-            f"cannot fingerprint the tokenizer of teacher '{teacher_source.display}' ({exc}); "
-            "give a teacher whose tokenizer loads as a fast (tokenizer.json) or sentencepiece tokenizer"
-        ) from exc
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def hidden_spec(cfg: TeacherCacheConfig, config: Any) -> hidden_states.HiddenSpec | None:
-    """What ``--hidden-layers`` asks the pass to store of this teacher, checked against its config."""
-    return hidden_states.spec_for(cfg.hidden_layers, cfg.hidden_encoding, cfg.hidden_dim, cfg.hidden_seed, config)
-
-
-def cache_header(
-    cfg: TeacherCacheConfig,
-    dataset_display: str,
-    teacher_source: models.Source,
-    config: Any,
-    tokenizer: Any,
-    width: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Every setting that decides the cache's bytes, and nothing that varies between identical runs.
-
-    The manifest is this header plus the results (token-stream hash, tokenizer files,
-    totals, shards); a resumed or repeated pass must find the same header.
-    """
-    layers = hidden_spec(cfg, config)
-    return {
-        "format": layout.FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "codec": cfg.codec_settings().to_json(),
-        "capture": capture_header(cfg.capture_spec()),
-        "columns": codec_v2.columns(
-            cfg.capture_spec(),
-            cfg.codec_settings(),
-            row_stats=cfg.row_stats,
-            loss_mask=cfg.chat_template,
-            document_starts=cfg.document_attention,
-        )
-        + (layers.columns() if layers else []),
-        **({"hidden": layers.to_json()} if layers else {}),
-        "position_convention": "row position t holds the teacher's distribution over token t+1",
-        "teacher": {**models.teacher_identity(teacher_source, config), "dtype": DTYPE_NAMES[dtype]},
-        "compute": {"device_type": device.type, "batch_size": cfg.batch_size},
-        "tokenizer": {
-            "fingerprint": _fingerprint(tokenizer, teacher_source),
-            "fingerprint_version": CURRENT_TOKENIZER_FINGERPRINT,
-            "length": len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
-        "logit_width": width,
-        "seq_len": cfg.seq_len,
-        "rows_per_shard": cfg.rows_per_shard,
-        "packing": {
-            "bos": "as the tokenizer adds by default",
-            "eos_after_document": tokenizer.eos_token_id is not None,
-            "cross_document_attention": not cfg.document_attention,
-            "trailing_partial_sequence": "dropped",
-            "txt_sample_by": cfg.txt_sample_by,
-            "txt_encoding_errors": cfg.txt_encoding_errors,
-            "unembeddable_ids": "documents skipped",
-            "embedding_rows": width,
-            **(
-                {
-                    "chat_template": "the tokenizer's, one BOS (the template's), then EOS",
-                    "loss_mask": "assistant turns: spans by prefix rendering, else content search",
-                }
-                if cfg.chat_template
-                else {}
-            ),
-        },
-        "dataset": {
-            "source": dataset_display,
-            "config": cfg.dataset_config,
-            "split": cfg.split,
-            "text_column": cfg.messages_column if cfg.chat_template else cfg.text_column,
-            "max_tokens": cfg.max_tokens,
-        },
-    }
-
-
-def capture_header(spec: CaptureSpec) -> dict[str, Any]:
-    """The manifest's ``capture`` object: the strategy, its parameters, and how values and draws are defined."""
-    info: dict[str, Any] = {**spec.to_json(), "logprob_temperature": 1.0, "log_base": "e"}
-    if spec.strategy in ("sample", "hybrid"):
-        info["generator"] = GENERATOR_NAME
-    return info
-
-
-def finish_manifest(
-    header: dict[str, Any],
-    hasher: TokenStreamHasher,
-    committed: list[ShardEntry],
-    tokenizer_files: list[dict[str, Any]],
-    file_starts: list[tuple[str, int]] | None = None,
-) -> dict[str, Any]:
-    """The header plus what the pass produced (``file_starts``: each local file's name and first record)."""
-    committed = sorted(committed, key=lambda entry: entry.first_seq)
-    dataset = {**header["dataset"], "token_stream_sha256": hasher.hexdigest()}
-    if file_starts:
-        dataset["files"] = [{"name": name, "first_record": first} for name, first in file_starts]
-    return {
-        **header,
-        "tokenizer": {**header["tokenizer"], "files": tokenizer_files},
-        "dataset": dataset,
-        "totals": {
-            "sequences": sum(s.rows for s in committed),
-            "tokens": sum(s.tokens for s in committed),
-            "shards": len(committed),
-            "bytes": sum(s.bytes for s in committed),
-        },
-        "shards": [s.to_json() for s in committed],
-    }

@@ -106,7 +106,7 @@ class FlakyShardWriter:
 def pending_rows(first: int, count: int):
     from concurrent.futures import Future
 
-    from pipeline.teacher import PendingRow
+    from pipeline.row_writer import PendingRow
 
     rows = []
     for index in range(first, first + count):
@@ -117,7 +117,7 @@ def pending_rows(first: int, count: int):
 
 
 def test_the_background_writer_writes_every_row_in_order():
-    from pipeline.teacher import BackgroundWriter
+    from pipeline.row_writer import BackgroundWriter
 
     target = FlakyShardWriter()
     with BackgroundWriter(target, 4, max_rows=2) as background:
@@ -127,7 +127,7 @@ def test_the_background_writer_writes_every_row_in_order():
 
 
 def test_a_write_failure_on_the_writer_thread_reaches_the_teacher_and_stops_the_writes():
-    from pipeline.teacher import BackgroundWriter
+    from pipeline.row_writer import BackgroundWriter
 
     target = FlakyShardWriter(fail_at=5)
     with pytest.raises(OSError, match="No space left"), BackgroundWriter(target, 4, max_rows=2) as background:
@@ -137,7 +137,7 @@ def test_a_write_failure_on_the_writer_thread_reaches_the_teacher_and_stops_the_
 
 
 def test_an_interrupted_teacher_stops_the_writer_without_writing_the_rest():
-    from pipeline.teacher import BackgroundWriter
+    from pipeline.row_writer import BackgroundWriter
 
     target = FlakyShardWriter()
     with pytest.raises(KeyboardInterrupt), BackgroundWriter(target, 4, max_rows=64) as background:
