@@ -109,7 +109,10 @@ def bench_teacher(model: torch.nn.Module, batch: torch.Tensor, k: int, repeats: 
     encoded_bytes = []
     spec = CaptureSpec(strategy="topk", k=k)
     settings = codec_v2.CodecSettings.for_mode(codec_v2.default_mode(spec))
-    sequences = [SimpleNamespace(source_record=0, record_offset=0) for _ in range(batch.shape[0])]
+    sequences = [
+        SimpleNamespace(source_record=0, record_offset=0, target_mask=None, document_starts=None)
+        for _ in range(batch.shape[0])
+    ]
 
     def teacher_pass() -> None:
         """Forward, capture and encode (on the pass's encoder threads), as the teacher pass does."""
