@@ -66,12 +66,12 @@ def txt_folder(folder: Path, count: int = 8) -> Path:
 
 
 def test_teacher_pass_records_fingerprint_failure_as_one_line(teacher_dir, corpus, tmp_path, monkeypatch):
-    from pipeline import teacher
+    from pipeline import manifest_header
 
     def unreadable(*args, **kwargs):
         raise ValueError("no rules")
 
-    monkeypatch.setattr(teacher, "tokenizer_fingerprint", unreadable)
+    monkeypatch.setattr(manifest_header, "tokenizer_fingerprint", unreadable)
     line = bad("--teacher", str(teacher_dir), "--dataset", str(corpus["heldout"]), "--out", str(tmp_path / "c"), *SMALL)
     assert "cannot fingerprint the tokenizer" in line and "no rules" in line
     assert not (tmp_path / "c").exists()
