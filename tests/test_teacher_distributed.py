@@ -88,7 +88,8 @@ def test_a_killed_two_process_pass_resumes_on_one_process_to_the_same_bytes(sing
     assert (out / layout.JOURNAL_NAME).exists() and list(out.glob("progress.rank-*.json"))
     write_cache(1, teacher_dir, corpus["train"], out, *OPTIONS)
     assert content(out) == content(single)
-    assert json.loads((out / layout.RUN_LOG_NAME).read_bytes())["resumed_shards"] >= 2
+    # Rank 0 journals its first shard before it dies at its second; how far rank 1 got depends on timing.
+    assert json.loads((out / layout.RUN_LOG_NAME).read_bytes())["resumed_shards"] >= 1
 
 
 @pytest.mark.slow
