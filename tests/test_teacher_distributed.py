@@ -85,7 +85,7 @@ def test_a_killed_two_process_pass_resumes_on_one_process_to_the_same_bytes(sing
     crashed = torchrun(2, *args, *OPTIONS, env={"DISTILL_TEST_CRASH_AT": "shard-after-rename:2"})
     assert crashed.returncode != 0
     assert not (out / layout.MANIFEST_NAME).exists()
-    assert (out / layout.JOURNAL_NAME).exists() and list(out.glob("progress.rank-*.json"))
+    assert (out / layout.JOURNAL_NAME).exists()  # rank 1's journal too, if it committed before it was stopped
     write_cache(1, teacher_dir, corpus["train"], out, *OPTIONS)
     assert content(out) == content(single)
     # Rank 0 journals its first shard before it dies at its second; how far rank 1 got depends on timing.
