@@ -56,6 +56,7 @@ class CaptureSink:
         self.new_folders = paths.make_output_folder(out)
         self.lock = journal.CacheLock(out)
         self.lock.__enter__()
+        self.released = False
         try:
             plan = plan_output(out, header, overwrite)
             if plan.action == "complete":
@@ -84,8 +85,14 @@ class CaptureSink:
             raise
         self.next_row = self.rows_written
 
+    def _release(self) -> None:
+        """Give the folder's lock back, once."""
+        if not self.released:
+            self.released = True
+            self.lock.__exit__(None, None, None)
+
     def close_lock(self) -> None:
-        self.lock.__exit__(None, None, None)
+        self._release()
         for folder in reversed(self.new_folders):
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -108,11 +115,13 @@ class CaptureSink:
         manifest = finish_manifest(self.header, self.hasher, committed, tokenizer_files)
         writer.write_manifest(self.out, manifest)
         journal.remove_journals(self.out)
-        self.lock.__exit__(None, None, None)
+        self._release()
 
     def abort(self) -> None:
-        self.writer.abort()
-        self.lock.__exit__(None, None, None)
+        """Drop the shard in progress and release the lock (nothing, once the cache is finished)."""
+        if not self.released:
+            self.writer.abort()
+        self._release()
 
 
 def header_spec_from(header: dict[str, Any]) -> CaptureSpec:

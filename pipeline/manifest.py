@@ -6,6 +6,7 @@ type, range and consistency before anything is opened; an error names the field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -152,9 +153,9 @@ class Manifest:
     def bytes(self) -> int:
         return sum(shard.bytes for shard in self.shards)
 
-    @property
+    @functools.cached_property
     def hidden(self) -> Any:
-        """The stored hidden states' :class:`~pipeline.hidden.HiddenSpec` (``None``: none stored)."""
+        """The stored hidden states' :class:`~pipeline.hidden.HiddenSpec` (``None``: none stored), checked once."""
         from pipeline.hidden import spec_from_manifest
 
         return spec_from_manifest(self.raw, [column.to_json() for column in self.columns], self.seq_len)

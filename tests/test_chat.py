@@ -216,3 +216,29 @@ def test_a_student_trains_on_a_chat_cache(teacher_dir, student_config_dir, tmp_p
                  for manifest in [reader.read_manifest(cache)] for entry in manifest.shards
                  for _, cells in reader.iter_shard_frames(cache, entry, manifest))  # fmt: skip
     assert evaluated["positions"] == masked  # evaluation counts the assistant's positions alone
+
+
+@pytest.mark.parametrize("column", ["loss_mask", "document_starts"])
+def test_a_bit_column_with_bits_past_the_row_is_refused(column):
+    import zstandard
+
+    from pipeline import codec_v2
+    from pipeline.capture_spec import CaptureSpec
+    from pipeline.errors import CacheError
+    from pipeline.rows import SparseRow
+
+    spec = CaptureSpec("topk", k=2)
+    settings = codec_v2.CodecSettings.for_mode("lossless")
+    row = SparseRow(
+        input_ids=np.arange(10),
+        ids=np.tile([0, 1], (10, 1)),
+        logprobs=np.log(np.tile([0.5, 0.25], (10, 1))).astype(np.float32),
+        tail_logmass=np.full(10, np.log(0.25), dtype=np.float32),
+        **{column: np.ones(10, dtype=bool)},
+    )
+    frames = codec_v2.encode_row(row, spec, settings)
+    decoded = codec_v2.decode_row(frames, 10, spec, settings, 50)
+    assert getattr(decoded, column).all()
+    frames[column] = zstandard.ZstdCompressor().compress(bytes([0xFF, 0xFF]))  # bits 10-15 set past T = 10
+    with pytest.raises(CacheError, match=f"a {column} frame sets bits past the row's last position"):
+        codec_v2.decode_row(frames, 10, spec, settings, 50)
