@@ -101,20 +101,22 @@ class BackgroundWriter:
     bounded); the thread waits for each row's frames and appends it in order, so the
     teacher's next batch runs while the last one is encoded, compressed, written, fsynced and
     hashed. A failure on the thread (a full disk) is raised by the next :meth:`put` or by
-    :meth:`close`; leaving the block by an exception stops the thread without writing the rest.
+    :meth:`close`. Leaving the block by an exception (the teacher failed, an interrupt) first
+    writes the rows already put, as the synchronous loop would have, so what a resumed pass
+    keeps does not depend on the thread's timing; the shard in progress is then the shard
+    writer's to drop.
     """
 
     def __init__(self, shard_writer: writer.ShardWriter, tokens_per_row: int, max_rows: int) -> None:
         self.shard_writer, self.tokens_per_row = shard_writer, tokens_per_row
         self.queue: queue.Queue[PendingRow | None] = queue.Queue(maxsize=max(1, max_rows))
         self.error: BaseException | None = None
-        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while (row := self.queue.get()) is not None:
-            if self.error is not None or self.stopping:
+            if self.error is not None:
                 continue  # drain without writing, so a blocked put returns
             try:
                 self.shard_writer.add(row.seq_index, row.cells(), self.tokens_per_row)
@@ -143,6 +145,5 @@ class BackgroundWriter:
         if exc_type is None:
             self.close()
             return
-        self.stopping = True
-        self.queue.put(None)
+        self.queue.put(None)  # the rows already put are written (unless the thread failed)
         self.thread.join()

@@ -136,12 +136,12 @@ def test_a_write_failure_on_the_writer_thread_reaches_the_teacher_and_stops_the_
     assert target.rows == [0, 1, 2, 3]
 
 
-def test_an_interrupted_teacher_stops_the_writer_without_writing_the_rest():
+def test_an_interrupted_teacher_still_writes_the_rows_it_captured():
     from pipeline.row_writer import BackgroundWriter
 
     target = FlakyShardWriter()
     with pytest.raises(KeyboardInterrupt), BackgroundWriter(target, 4, max_rows=64) as background:
         background.put(pending_rows(0, 3))
         raise KeyboardInterrupt
-    assert target.rows == [0, 1, 2][: len(target.rows)]  # a prefix, in order; whatever was not written is dropped
+    assert target.rows == [0, 1, 2]  # whatever the thread's timing
     assert not background.thread.is_alive()
